@@ -1,0 +1,5 @@
+import sys
+
+from companion.book.execute import main
+
+sys.exit(main())
