@@ -83,7 +83,7 @@ def test_execute_command_runs_a_notebook_in_place(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     stored = json.loads(path.read_text())
-    assert stored["cells"][0]["outputs"][0]["text"] == "42\n"
+    assert "".join(stored["cells"][0]["outputs"][0]["text"]) == "42\n"
     assert stored["cells"][0]["execution_count"] == 1
     assert "Triton interpreter" in stored["metadata"]["companion"]["device"]
 
