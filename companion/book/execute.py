@@ -70,7 +70,19 @@ def main(argv=None) -> int:
                      help="auto: the GPU when there is one; cpu: hide the GPU; gpu: fail without one")
     run.add_argument("--timeout", type=int, default=1200, help="seconds allowed per cell")
     run.add_argument("--kernel", default="python3", help="Jupyter kernel name")
+    bench = sub.add_parser("bench", help="run a GPU benchmark and store its results under book/data/")
+    bench.add_argument("names", nargs="+", help="benchmarks to run (ceilings, ...)")
     args = parser.parse_args(argv)
+
+    if args.command == "bench":
+        from companion.book import bench as benchmarks
+
+        for name in args.names:
+            if name not in benchmarks.BENCHMARKS:
+                parser.error(f"unknown benchmark {name!r}; known: {', '.join(benchmarks.BENCHMARKS)}")
+            path = benchmarks.save(name, benchmarks.BENCHMARKS[name]())
+            print(f"{name}: written to {path}", flush=True)
+        return 0
 
     # The kernels inherit this process's environment; set it before companion.runtime decides.
     if args.device == "cpu":

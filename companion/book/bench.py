@@ -1,0 +1,113 @@
+"""Benchmarks whose results the book stores as data, and the device ceilings they are measured against.
+
+A benchmark runs on the GPU and writes a JSON file under ``book/data/`` with the device, the library
+versions and the date; chapters plot from those files, so a reader without a GPU sees the stored
+measurements and a reader with one regenerates them with one call::
+
+    python -m companion.book bench ceilings        # -> book/data/ceilings.json
+
+Timing follows the book's rules: ``triton.testing.do_bench`` (median of many runs after warm-up), random
+data (never zeros), operands far larger than the L2 cache.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import pathlib
+
+DATA_DIR = pathlib.Path(__file__).resolve().parents[2] / "book" / "data"
+
+
+def _median_ms(fn) -> float:
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median"))
+
+
+def copy_bandwidth(nbytes: int = 1 << 30) -> float:
+    """Device-to-device copy, in bytes moved (read + written) per second."""
+    import torch
+
+    src = torch.randint(-128, 127, (nbytes // 2,), dtype=torch.int8, device="cuda")
+    dst = torch.empty_like(src)
+    return nbytes / (_median_ms(lambda: dst.copy_(src)) * 1e-3)
+
+
+def gemm_flops(m: int, n: int, k: int, dtype: str = "bf16") -> float:
+    """FLOP/s of cuBLAS for C = A @ B with A m×k, B k×n (row-major A, column-major B as cuBLAS likes).
+
+    ``dtype``: "bf16" (``A @ B``), "fp8_tensor" and "fp8_row" (``torch._scaled_mm`` with E4M3 operands,
+    bf16 output, per-tensor or per-row/column float32 scales).
+    """
+    import torch
+
+    if dtype not in ("bf16", "fp8_tensor", "fp8_row"):
+        raise ValueError(f"unknown GEMM dtype {dtype!r}; expected bf16, fp8_tensor or fp8_row")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    a = torch.randn(m, k, device="cuda", generator=gen)
+    b = torch.randn(n, k, device="cuda", generator=gen)
+    if dtype == "bf16":
+        a16, b16 = a.bfloat16(), b.bfloat16().t()
+        fn = lambda: a16 @ b16  # noqa: E731
+    else:
+        a8, b8 = a.to(torch.float8_e4m3fn), b.to(torch.float8_e4m3fn).t()
+        if dtype == "fp8_tensor":
+            sa = torch.ones((), device="cuda")
+            sb = torch.ones((), device="cuda")
+        else:
+            sa = torch.ones(m, 1, device="cuda")
+            sb = torch.ones(1, n, device="cuda")
+        fn = lambda: torch._scaled_mm(a8, b8, scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16)  # noqa: E731
+    return 2 * m * n * k / (_median_ms(fn) * 1e-3)
+
+
+def gemv_weight_bandwidth(n: int = 8192, k: int = 8192) -> float:
+    """bf16 decode GEMV (one token, M=1) through cuBLAS, as weight bytes read per second."""
+    import torch
+
+    w = torch.randn(n, k, device="cuda").bfloat16()
+    x = torch.randn(1, k, device="cuda").bfloat16()
+    return n * k * 2 / (_median_ms(lambda: x @ w.t()) * 1e-3)
+
+
+def environment() -> dict:
+    from companion import runtime
+
+    return {"device": runtime.device_description(), "date": datetime.date.today().isoformat(),
+            **runtime.versions()}
+
+
+def measure_ceilings() -> dict:
+    """The device's ceilings, measured in one run: copy bandwidth and cuBLAS GEMM throughput."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise RuntimeError("measuring the ceilings needs a CUDA GPU")
+    results = {
+        "copy_bytes_per_s": copy_bandwidth(),
+        "gemv_bf16_weight_bytes_per_s": gemv_weight_bandwidth(),
+        "gemm_flops_per_s": {},
+    }
+    for size in (4096, 8192):
+        for dtype in ("bf16", "fp8_tensor", "fp8_row"):
+            results["gemm_flops_per_s"][f"{dtype}_{size}"] = gemm_flops(size, size, size, dtype)
+    return {"environment": environment(), "results": results}
+
+
+def save(name: str, data: dict, directory: pathlib.Path = DATA_DIR) -> pathlib.Path:
+    """Write benchmark data as ``<directory>/<name>.json`` (sorted keys, stable for diffs)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{name}.json"
+    path.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+    return path
+
+
+def load(name: str, directory: pathlib.Path = DATA_DIR) -> dict:
+    """Read stored benchmark data; a clear error says how to produce it when it is missing."""
+    path = directory / f"{name}.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist; run `python -m companion.book bench {name}` on a GPU")
+    return json.loads(path.read_text())
+
+
+BENCHMARKS = {"ceilings": measure_ceilings}
