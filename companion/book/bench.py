@@ -110,4 +110,11 @@ def load(name: str, directory: pathlib.Path = DATA_DIR) -> dict:
     return json.loads(path.read_text())
 
 
-BENCHMARKS = {"ceilings": measure_ceilings}
+def measure_quant_kernels() -> dict:
+    """The quantization kernels of companion.kernels against copy bandwidth and torch.compile."""
+    from companion.kernels.bench_quant import measure_quant_kernels as measure
+
+    return measure()
+
+
+BENCHMARKS = {"ceilings": measure_ceilings, "quant_kernels": measure_quant_kernels}

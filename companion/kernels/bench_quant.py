@@ -1,0 +1,138 @@
+"""Benchmark of the quantization kernels: achieved bandwidth next to copy and torch.compile, one run.
+
+Bytes that must move: the input read once, the codes and the scales written once (NVFP4's amax pass
+reads the input a second time; that read is timed but not counted, so its ratio shows the cost of
+the extra pass). The baseline a user would otherwise write is the obvious PyTorch code for the same
+recipe, compiled with ``torch.compile``; it is timed on the same inputs in the same process.
+
+    python -m companion.book bench quant_kernels      # -> book/data/quant_kernels.json
+"""
+from __future__ import annotations
+
+SIZES = ((4096, 4096), (8192, 8192), (16384, 16384))
+COMPILE_SIZE = (8192, 8192)
+
+
+def _torch_baselines():
+    """The PyTorch recipes (bf16 in, codes and scales out), written the obvious way."""
+    import torch
+
+    f8 = torch.float8_e4m3fn
+
+    def fp8_rows(x):
+        M, K = x.shape
+        xb = x.float().view(M, K // 128, 128)
+        amax = xb.abs().amax(-1, keepdim=True)
+        s = torch.where(amax > 0, amax / 448.0, 1.0)
+        return (xb / s).clamp(-448, 448).to(f8).view(M, K), s.squeeze(-1)
+
+    def fp8_tiles(x):
+        M, K = x.shape
+        xb = x.float().view(M // 128, 128, K // 128, 128)
+        amax = xb.abs().amax(dim=(1, 3), keepdim=True)
+        s = torch.where(amax > 0, amax / 448.0, 1.0)
+        return (xb / s).clamp(-448, 448).to(f8).view(M, K), s.view(M // 128, K // 128)
+
+    def mx_scale(amax, emax):
+        e = ((amax.view(torch.int32) >> 23) - 127 - emax).clamp(-127, 127)
+        inv = ((127 - e) << 23).view(torch.float32)
+        return (e + 127).to(torch.uint8), inv
+
+    def mxfp8_rows(x):
+        M, K = x.shape
+        xb = x.float().view(M, K // 32, 32)
+        code, inv = mx_scale(xb.abs().amax(-1, keepdim=True), 8)
+        return (xb * inv).clamp(-448, 448).to(f8).view(M, K), code.squeeze(-1)
+
+    def mxfp8_rows_and_columns(x):
+        M, K = x.shape
+        rows = mxfp8_rows(x)
+        xc = x.float().view(M // 32, 32, K)
+        code, inv = mx_scale(xc.abs().amax(1, keepdim=True), 8)
+        return rows + ((xc * inv).clamp(-448, 448).to(f8).view(M, K), code.squeeze(1))
+
+    def e2m1(v):  # nearest-even onto 0, .5, 1, 1.5, 2, 3, 4, 6: count the boundaries passed
+        a = v.abs()
+        mag = ((a > 0.25).to(torch.uint8) + (a >= 0.75) + (a > 1.25) + (a >= 1.75) + (a > 2.5)
+               + (a >= 3.5) + (a > 5))
+        return mag | ((v < 0).to(torch.uint8) << 3)
+
+    def pack(codes):
+        return codes[..., 0::2] | (codes[..., 1::2] << 4)
+
+    def mxfp4_rows(x):
+        M, K = x.shape
+        xb = x.float().view(M, K // 32, 32)
+        code, inv = mx_scale(xb.abs().amax(-1, keepdim=True), 2)
+        return pack(e2m1(xb * inv).view(M, K)), code.squeeze(-1)
+
+    def nvfp4(x):
+        M, K = x.shape
+        xf = x.float()
+        s_t = xf.abs().amax() / 2688.0
+        s_t = torch.where(s_t > 0, s_t, 1.0)
+        xb = xf.view(M, K // 16, 16)
+        sb = (xb.abs().amax(-1, keepdim=True) / (6.0 * s_t)).clamp(max=448).to(f8)
+        scale = sb.float() * s_t
+        v = torch.where(scale > 0, xb / scale, 0.0)
+        return pack(e2m1(v).view(M, K)), sb.squeeze(-1), s_t
+
+    return {"fp8_1x128": fp8_rows, "fp8_128x128": fp8_tiles, "mxfp8_rows": mxfp8_rows,
+            "mxfp8_rows_and_columns": mxfp8_rows_and_columns, "mxfp4_rows": mxfp4_rows, "nvfp4": nvfp4}
+
+
+def _kernels():
+    from companion import kernels as k
+
+    return {
+        "fp8_1x128": lambda x: k.quantize_fp8_blockwise(x, (1, 128)),
+        "fp8_128x128": lambda x: k.quantize_fp8_blockwise(x, (128, 128)),
+        "mxfp8_rows": lambda x: k.quantize_mx_rows(x, "fp8_e4m3"),
+        "mxfp8_rows_and_columns": lambda x: k.quantize_mx_rows_and_columns(x, "fp8_e4m3"),
+        "mxfp4_rows": lambda x: k.quantize_mx_rows(x, "fp4_e2m1"),
+        "nvfp4": lambda x: k.quantize_nvfp4_kernel(x),
+    }
+
+
+def bytes_moved(name: str, M: int, K: int) -> int:
+    """Input (bf16) read once plus codes and scales written once."""
+    n = M * K
+    return {
+        "fp8_1x128": 2 * n + n + 4 * M * -(-K // 128),
+        "fp8_128x128": 2 * n + n + 4 * -(-M // 128) * -(-K // 128),
+        "mxfp8_rows": 2 * n + n + n // 32,
+        "mxfp8_rows_and_columns": 2 * n + 2 * n + 2 * n // 32,
+        "mxfp4_rows": 2 * n + n // 2 + n // 32,
+        "nvfp4": 2 * n + n // 2 + n // 16 + 4,
+    }[name]
+
+
+def measure_quant_kernels() -> dict:
+    import torch
+
+    from companion.book import bench
+
+    if not torch.cuda.is_available():
+        raise RuntimeError("the quantization benchmark needs a CUDA GPU")
+    copy = bench.copy_bandwidth()
+    kernels, baselines = _kernels(), _torch_baselines()
+    results = {"copy_bytes_per_s": copy, "kernels": {}}
+    for M, K in SIZES:
+        x = torch.randn(M, K, device="cuda", generator=torch.Generator("cuda").manual_seed(0)).bfloat16()
+        for name, fn in kernels.items():
+            row = results["kernels"].setdefault(name, {})
+            nbytes = bytes_moved(name, M, K)
+            entry = {"bytes": nbytes, "kernel_bytes_per_s": nbytes / (bench._median_ms(lambda: fn(x)) * 1e-3)}
+            entry["kernel_vs_copy"] = entry["kernel_bytes_per_s"] / copy
+            if (M, K) == COMPILE_SIZE:
+                try:
+                    compiled = torch.compile(baselines[name], dynamic=False)
+                    compiled(x)
+                    entry["compile_bytes_per_s"] = nbytes / (bench._median_ms(lambda: compiled(x)) * 1e-3)
+                    entry["kernel_vs_compile"] = entry["kernel_bytes_per_s"] / entry["compile_bytes_per_s"]
+                except Exception as error:  # record why the baseline could not run, keep measuring
+                    entry["compile_error"] = f"{type(error).__name__}: {str(error)[:300]}"
+            row[f"{M}x{K}"] = entry
+        del x
+        torch.cuda.empty_cache()
+    return {"environment": bench.environment(), "results": results}

@@ -1,0 +1,128 @@
+"""Device functions shared by the quantization kernels: float32 -> narrow float codes and back.
+
+Every rounding here is done on the float32 bit pattern with integer arithmetic, so that a kernel gives
+the same bits compiled on the GPU and under the Triton interpreter (whose ``x.to(tl.float8e4nv)`` in
+triton 3.9 rounds wrongly when the mantissa carries into the exponent).
+
+A narrow format ``1.E.M`` with exponent bias ``B`` is handled in two ranges:
+
+* normal targets (``|y| >= 2^(1-B)``): subtract ``(127 - B) << 23`` from the float32 pattern, which
+  re-biases the exponent field in place, then drop ``23 - M`` mantissa bits with round-to-nearest-even
+  (add ``half - 1`` plus the lowest kept bit, shift). A carry out of the mantissa moves into the
+  exponent by itself: 1.9375 rounds to the code of 2.0, and 464 to the code just above 448 (which the
+  saturation below clamps);
+* subnormal targets: ``|y| / min_subnormal`` is exact (a power-of-two scale); adding ``2^23`` in
+  float32 rounds it to an integer, nearest-even, and that integer, read off the sum's bit pattern,
+  is the code.
+
+Then the magnitude saturates at the format's largest finite code (Inf too: the recipes here saturate),
+the sign bit is put back (so -0 and negatives that round to zero keep their sign, as in
+:mod:`companion.formats`) and NaN becomes the format's canonical NaN code (``fmt.nan_code``).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def round_to_code(
+    y,  # float32 values to round
+    BITS: tl.constexpr,  # width of the code (8 or 4); its top bit is the sign
+    MAN_BITS: tl.constexpr,  # mantissa bits M of the target
+    BIAS: tl.constexpr,  # exponent bias B of the target
+    SUB_SCALE: tl.constexpr,  # 1 / min_subnormal = 2^(B - 1 + M), a float
+    MAX_CODE: tl.constexpr,  # code of the largest finite magnitude (saturation)
+    NAN_CODE: tl.constexpr,  # code for NaN, or -1 when the format has none
+):
+    """float32 -> int32 codes of a 1.E.M format: nearest-even, saturating, NaN to NAN_CODE."""
+    bits = y.to(tl.int32, bitcast=True)
+    sign = (bits >> 31) & 1
+    mag = bits & 0x7FFFFFFF
+    SHIFT: tl.constexpr = 23 - MAN_BITS
+    rebased = mag - ((127 - BIAS) << 23)
+    normal = (rebased + ((1 << (SHIFT - 1)) - 1) + ((rebased >> SHIFT) & 1)) >> SHIFT
+    q = tl.abs(y) * SUB_SCALE  # exact: a power of two, and only used below the normal range
+    subnormal = (q + 8388608.0).to(tl.int32, bitcast=True) - 0x4B000000
+    code = tl.where(mag >= ((128 - BIAS) << 23), normal, subnormal)
+    code = tl.minimum(code, MAX_CODE) | (sign << (BITS - 1))
+    if NAN_CODE >= 0:
+        code = tl.where(mag > 0x7F800000, NAN_CODE, code)
+    return code
+
+
+@triton.jit
+def to_e4m3(y):
+    """float32 -> OCP FP8 E4M3 codes (max 448 = 0x7E, NaN 0x7F, no Inf)."""
+    return round_to_code(y, 8, 3, 7, 512.0, 0x7E, 0x7F)
+
+
+@triton.jit
+def to_e5m2(y):
+    """float32 -> OCP FP8 E5M2 codes (max 57344 = 0x7B, NaN 0x7E; Inf saturates)."""
+    return round_to_code(y, 8, 2, 15, 65536.0, 0x7B, 0x7E)
+
+
+@triton.jit
+def to_e2m1(y):
+    """float32 -> FP4 E2M1 codes (max 6 = 0x7, no NaN: callers keep NaN out)."""
+    return round_to_code(y, 4, 1, 1, 2.0, 0x7, -1)
+
+
+@triton.jit
+def decode_code(
+    code,  # int32 codes
+    BITS: tl.constexpr,  # width of the code
+    MAN_BITS: tl.constexpr,  # mantissa bits M
+    BIAS: tl.constexpr,  # exponent bias B
+    MIN_SUBNORMAL: tl.constexpr,  # 2^(1 - B - M), a float
+    NAN_CODE: tl.constexpr,  # smallest magnitude code that means NaN (all above too), or -1
+    INF_CODE: tl.constexpr,  # magnitude code of Inf, or -1
+):
+    """int32 codes of a 1.E.M format -> float32 values (exact)."""
+    MAG_MASK: tl.constexpr = (1 << (BITS - 1)) - 1
+    mag = code & MAG_MASK
+    negative = (code >> (BITS - 1)) & 1
+    exp_field = mag >> MAN_BITS
+    normal = ((mag + ((127 - BIAS) << MAN_BITS)) << (23 - MAN_BITS)).to(tl.float32, bitcast=True)
+    value = tl.where(exp_field > 0, normal, mag.to(tl.float32) * MIN_SUBNORMAL)
+    if INF_CODE >= 0:
+        value = tl.where(mag == INF_CODE, float("inf"), value)
+    if NAN_CODE >= 0:
+        value = tl.where(mag >= NAN_CODE, float("nan"), value)
+    # The sign goes on as a bit: compiled, `-value` is `0 - value`, which turns -0 into +0.
+    return (value.to(tl.int32, bitcast=True) | (negative << 31)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def from_e4m3(code):
+    return decode_code(code, 8, 3, 7, 0.001953125, 0x7F, -1)
+
+
+@triton.jit
+def from_e5m2(code):
+    return decode_code(code, 8, 2, 15, 1.52587890625e-05, 0x7D, 0x7C)
+
+
+@triton.jit
+def from_e2m1(code):
+    return decode_code(code, 4, 1, 1, 0.5, -1, -1)
+
+
+@triton.jit
+def fp32_to_bf16(x):
+    """float32 -> bfloat16, nearest-even, on the bit pattern (see companion.kernels.round_bf16)."""
+    bits = x.to(tl.uint32, bitcast=True)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    rounded = tl.where((bits & 0x7FFFFFFF) > 0x7F800000, 0x7FC0, rounded)
+    return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def to_fp32(x):
+    """bf16/fp16/fp32 -> float32, exactly. bfloat16 is widened on its bit pattern: the interpreter's own
+    bf16 -> fp32 conversion (triton 3.9) mishandles subnormals."""
+    if x.dtype == tl.bfloat16:
+        return (x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    else:
+        return x.to(tl.float32)

@@ -1,0 +1,142 @@
+"""FP8 E4M3 quantization with DeepSeek-V3's block scales: 1 x 128 for activations, 128 x 128 for weights.
+
+One program owns a tile of the input: ``BLOCK_M`` rows x 128 columns for 1 x 128 scales (one amax per
+row of the tile), or a whole 128 x 128 tile (one amax for all of it). The arithmetic, all in float32:
+
+    amax  = max |x| over the finite elements of the block      (exact: a max of bit patterns)
+    s     = amax / 448                                          (IEEE division, nearest-even)
+    s     = max(s, 2^-149)                                      (a tiny block keeps a positive scale)
+    s     = 2^ceil(log2 s), at least 2^-126                     (only with power_of_two_scales)
+    s     = 1                                                   (an all-zero or all-non-finite block)
+    code  = E4M3(x / s)                                         (IEEE division, then nearest-even,
+                                                                 saturating at +-448, NaN -> 0x7F)
+
+which is what :func:`companion.scaling.quantize` defines for ``fp8_e4m3`` with ``per_tile(1, 128)``
+or ``per_tile(128, 128)`` and fp32 scales, where it computes in float64 (the tests show the bits
+agree). ``fp8_blockwise_reference`` states the float32 arithmetic directly; it is also the
+definition of the power-of-two variant, which ``companion.scaling`` does not have (its e8m0 scales
+round to nearest, not up). Divisions use ``tl.math.div_rn``: Triton's ``/`` on float32 may compile
+to an approximate division.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+from companion import runtime
+from companion.formats import get_format
+from companion.kernels.float_codes import to_e4m3, to_fp32
+
+INPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+TILES = ((1, 128), (128, 128))
+E4M3_MAX = 448.0
+
+
+@triton.jit
+def _fp8_blockwise_kernel(
+    x_ptr,  # *bf16/fp16/fp32, (M, K) with strides (stride_xm, stride_xk)
+    codes_ptr,  # *uint8, (M, K) contiguous: E4M3 codes
+    scales_ptr,  # *float32, (cdiv(M, TILE_ROWS), cdiv(K, 128)) contiguous
+    M, K,  # shape of x
+    stride_xm, stride_xk,  # strides of x, in elements
+    n_scale_cols,  # cdiv(K, 128)
+    TILE_ROWS: tl.constexpr,  # 1 (activations) or 128 (weights): rows that share a scale
+    BLOCK_M: tl.constexpr,  # rows per program (TILE_ROWS when that is 128)
+    POW2: tl.constexpr,  # round each scale up to a power of two
+):
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_k * 128 + tl.arange(0, 128)
+    mask = (rows[:, None] < M) & (cols[None, :] < K)
+    x_offsets = rows[:, None].to(tl.int64) * stride_xm + cols[None, :].to(tl.int64) * stride_xk
+    x = tl.load(x_ptr + x_offsets, mask=mask, other=0.0)
+    x = to_fp32(x)  # (BLOCK_M, 128)
+
+    # amax over finite elements, as a max of bit patterns (order-preserving for non-negative floats)
+    magnitude = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+    finite = tl.where(magnitude < 0x7F800000, magnitude, 0)
+    if TILE_ROWS == 1:
+        amax_bits = tl.max(finite, axis=1)  # (BLOCK_M,)
+    else:
+        amax_bits = tl.max(tl.max(finite, axis=1), axis=0)  # one scale for the tile
+    amax = amax_bits.to(tl.float32, bitcast=True)
+
+    s_bits = tl.math.div_rn(amax, 448.0).to(tl.int32, bitcast=True)
+    s_bits = tl.maximum(s_bits, 1)  # at least 2^-149
+    if POW2:
+        rounded_up = (s_bits + 0x7FFFFF) & 0x7F800000
+        s_bits = tl.where(s_bits < 0x00800000, 0x00800000, rounded_up)
+    s_bits = tl.where(amax_bits == 0, 0x3F800000, s_bits)  # empty block: scale 1
+    s = s_bits.to(tl.float32, bitcast=True)
+
+    if TILE_ROWS == 1:
+        y = tl.math.div_rn(x, s[:, None])
+        tl.store(scales_ptr + rows.to(tl.int64) * n_scale_cols + pid_k, s, mask=rows < M)
+    else:
+        y = tl.math.div_rn(x, s)
+        tl.store(scales_ptr + pid_m * n_scale_cols + pid_k, s)
+    codes = to_e4m3(y).to(tl.uint8)
+    c_offsets = rows[:, None].to(tl.int64) * K + cols[None, :]
+    tl.store(codes_ptr + c_offsets, codes, mask=mask)
+
+
+def _check_tile(tile):
+    tile = tuple(tile)
+    if tile not in TILES:
+        raise ValueError(f"tile must be (1, 128) (activations) or (128, 128) (weights), got {tile}")
+    return tile
+
+
+def quantize_fp8_blockwise(x: torch.Tensor, tile=(1, 128), power_of_two_scales: bool = False):
+    """Quantize a 2-D bf16/fp16/fp32 tensor to FP8 E4M3 with one float32 scale per ``tile``.
+
+    Returns ``(codes, scales)``: codes of x's shape as ``torch.float8_e4m3fn``, and float32 scales of
+    shape ``(ceil(M / tile[0]), ceil(K / tile[1]))`` with ``x ~= codes * scales`` (expanded). Any
+    strides and any shape work; partial tiles at the edges use only their real elements.
+    """
+    tile = _check_tile(tile)
+    runtime.check_tensor(x, "x", dtypes=INPUT_DTYPES, contiguous=False, ndim=2)
+    M, K = x.shape
+    rows, cols = tile
+    codes = torch.empty((M, K), dtype=torch.uint8, device=x.device)
+    scales = torch.empty((triton.cdiv(M, rows), triton.cdiv(K, cols)), dtype=torch.float32, device=x.device)
+    if x.numel() == 0:
+        return codes.view(torch.float8_e4m3fn), scales
+    block_m = 32 if rows == 1 else 128
+    grid = (triton.cdiv(M, block_m), triton.cdiv(K, 128))
+    _fp8_blockwise_kernel[grid](
+        x, codes, scales, M, K, x.stride(0), x.stride(1), scales.shape[1],
+        TILE_ROWS=rows, BLOCK_M=block_m, POW2=bool(power_of_two_scales), num_warps=8 if rows == 128 else 4,
+    )
+    return codes.view(torch.float8_e4m3fn), scales
+
+
+def fp8_blockwise_reference(x, tile=(1, 128), power_of_two_scales: bool = False):
+    """The definition, in NumPy float32 (see the module docstring); E4M3 rounding from companion.formats.
+
+    Returns ``(codes, scales)`` like :func:`quantize_fp8_blockwise`, as CPU tensors.
+    """
+    rows, cols = _check_tile(tile)
+    xf = torch.as_tensor(x).detach().to("cpu", torch.float32).numpy()
+    M, K = xf.shape
+    gm, gk = -(-M // rows), -(-K // cols)
+    padded = np.zeros((gm * rows, gk * cols), dtype=np.float32)
+    padded[:M, :K] = xf
+    blocks = padded.reshape(gm, rows, gk, cols)
+    with np.errstate(invalid="ignore"):
+        magnitude = np.where(np.isfinite(blocks), np.abs(blocks), np.float32(0))
+    amax = magnitude.max(axis=(1, 3)).astype(np.float32)
+    s = np.maximum(amax / np.float32(E4M3_MAX), np.float32(2.0 ** -149))  # float32 division
+    if power_of_two_scales:
+        m, e = np.frexp(s)
+        s = np.where(m == 0.5, s, np.ldexp(np.float32(1), e)).astype(np.float32)
+        s = np.maximum(s, np.float32(2.0 ** -126))
+    s = np.where(amax > 0, s, np.float32(1)).astype(np.float32)
+    expanded = np.repeat(np.repeat(s, rows, axis=0), cols, axis=1)[:M, :K]
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        y = xf / expanded  # float32 division
+    codes = get_format("fp8_e4m3").encode(y, saturate=True).astype(np.uint8)
+    return torch.from_numpy(codes).view(torch.float8_e4m3fn), torch.from_numpy(s)

@@ -1,0 +1,198 @@
+"""MX quantization kernels (OCP MX v1.0): MXFP8 (E4M3, E5M2) and MXFP4, blocks of 32, E8M0 scales.
+
+One program loads a ``BLOCK_M x BLOCK_K`` tile (multiples of 32) once and may quantize it two ways:
+
+* along rows (``axis=-1``): the tile viewed as ``(BLOCK_M, BLOCK_K / 32, 32)``, one scale per row block;
+* along columns (``axis=0``): the tile viewed as ``(BLOCK_M / 32, 32, BLOCK_K)``, one scale per column
+  block, which the backward pass needs for the transposed GEMM.
+
+Doing both from one read is the point of :func:`quantize_mx_rows_and_columns`: the input, the larger
+side of the traffic, is read once for the two outputs.
+
+The arithmetic equals :func:`companion.mx.quantize_mx` bit for bit, with no float64 anywhere:
+
+* ``amax`` is the max of the blocks' bit patterns (order-preserving for non-negative floats); a block
+  holding NaN or Inf (pattern >= 0x7F800000) gets the NaN scale 0xFF and zero codes;
+* ``"floor"``: ``e = (exponent field of amax) - 127 - emax``, which is ``floor(log2 amax) - emax`` for a
+  normal amax; a subnormal amax gives ``e <= -127 - emax``, clamped to -127 as the reference clamps;
+* ``"rceil"``: ``d = amax * fp32(1 / max)`` (one float32 multiplication, as the reference computes it),
+  ``e = ceil(log2 d)`` read from d's bit pattern (exponent + 1 if any mantissa bit is set);
+* ``x * 2^-e`` is exact in float32: ``2^-e`` is a normal float32 for every ``e`` these element types
+  reach (``e <= 120``), and a product that falls below float32's normal range is far below the
+  element format's smallest subnormal, so it rounds to a signed zero either way;
+* codes are rounded by :func:`companion.kernels.float_codes.round_to_code` (nearest-even, saturating).
+
+Codes use the reference's layout: the blocked axis is padded with zeros to a multiple of 32, FP4 codes
+are packed two per byte along rows (first element in the low nibble, torch's ``float4_e2m1fn_x2``).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+from companion import runtime
+from companion.kernels.float_codes import to_e2m1, to_e4m3, to_e5m2, to_fp32
+
+INPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+MX_ELEMENTS = {  # name -> (kernel id, emax, fp32(1 / max), torch dtype of the codes)
+    "fp8_e4m3": (0, 8, float(np.float32(1 / 448.0)), torch.float8_e4m3fn),
+    "fp8_e5m2": (1, 15, float(np.float32(1 / 57344.0)), torch.float8_e5m2),
+    "fp4_e2m1": (2, 2, float(np.float32(1 / 6.0)), getattr(torch, "float4_e2m1fn_x2", torch.uint8)),
+}
+SCALE_ROUNDINGS = ("floor", "rceil")
+
+
+@triton.jit
+def _mx_scale(amax_bits, EMAX: tl.constexpr, INV_MAX: tl.constexpr, RCEIL: tl.constexpr):
+    """int32 patterns of block maxima -> E8M0 codes (0xFF for NaN/Inf blocks) and 2^-e as float32."""
+    special = amax_bits >= 0x7F800000
+    if RCEIL:
+        d = amax_bits.to(tl.float32, bitcast=True) * INV_MAX
+        d_bits = d.to(tl.int32, bitcast=True)
+        exp_field = d_bits >> 23
+        e = tl.where(exp_field > 0, exp_field - 127 + ((d_bits & 0x7FFFFF) != 0).to(tl.int32),
+                     tl.where(d_bits > 0x00400000, -126, -127))
+    else:
+        e = (amax_bits >> 23) - 127 - EMAX
+    e = tl.minimum(tl.maximum(e, -127), 127)
+    e = tl.where(special, 0, e)
+    inv_scale = ((127 - e) << 23).to(tl.float32, bitcast=True)
+    code = tl.where(special, 255, e + 127)
+    return code, inv_scale, special
+
+
+@triton.jit
+def _mx_codes(y, ELEM: tl.constexpr):
+    if ELEM == 0:
+        return to_e4m3(y)
+    elif ELEM == 1:
+        return to_e5m2(y)
+    else:
+        return to_e2m1(y)
+
+
+@triton.jit
+def _mx_kernel(
+    x_ptr,  # *bf16/fp16/fp32, (M, K) with strides (stride_xm, stride_xk)
+    row_codes_ptr,  # *uint8, (M, Kp) with Kp = K padded to 32 (FP4: (M, Kp / 2), packed)
+    row_scales_ptr,  # *uint8, (M, Kp / 32): E8M0 codes
+    col_codes_ptr,  # *uint8, (Mp, K) with Mp = M padded to 32
+    col_scales_ptr,  # *uint8, (Mp / 32, K)
+    M, K, Mp, Kp,  # shape of x and its padded extents
+    stride_xm, stride_xk,  # strides of x, in elements
+    ELEM: tl.constexpr,  # 0 E4M3, 1 E5M2, 2 E2M1 (packed, rows only)
+    EMAX: tl.constexpr,  # exponent of the element format's top binade
+    INV_MAX: tl.constexpr,  # fp32(1 / max), for rceil
+    RCEIL: tl.constexpr,  # scale rounding: True rceil, False floor
+    ROWS: tl.constexpr,  # write the row-wise (axis -1) quantization
+    COLS: tl.constexpr,  # write the column-wise (axis 0) quantization
+    BLOCK_M: tl.constexpr,  # rows per program (a multiple of 32 when COLS)
+    BLOCK_K: tl.constexpr,  # columns per program (a multiple of 32)
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (rows[:, None] < M) & (cols[None, :] < K)
+    x_offsets = rows[:, None].to(tl.int64) * stride_xm + cols[None, :].to(tl.int64) * stride_xk
+    x = tl.load(x_ptr + x_offsets, mask=mask, other=0.0)
+    x = to_fp32(x)  # (BLOCK_M, BLOCK_K)
+    magnitude = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+
+    if ROWS:
+        NB: tl.constexpr = BLOCK_K // 32
+        amax = tl.max(tl.reshape(magnitude, (BLOCK_M, NB, 32)), axis=2)  # (BLOCK_M, NB)
+        code, inv_scale, special = _mx_scale(amax, EMAX, INV_MAX, RCEIL)
+        y = tl.reshape(x, (BLOCK_M, NB, 32)) * inv_scale[:, :, None]
+        q = tl.where(special[:, :, None], 0, _mx_codes(y, ELEM))
+        q = tl.reshape(q, (BLOCK_M, BLOCK_K))
+        blocks = tl.program_id(1) * NB + tl.arange(0, NB)
+        s_mask = (rows[:, None] < M) & (blocks[None, :] < Kp // 32)
+        s_offsets = rows[:, None].to(tl.int64) * (Kp // 32) + blocks[None, :]
+        tl.store(row_scales_ptr + s_offsets, code.to(tl.uint8), mask=s_mask)
+        if ELEM == 2:
+            low, high = tl.split(tl.reshape(q, (BLOCK_M, BLOCK_K // 2, 2)))
+            packed = (low | (high << 4)).to(tl.uint8)
+            half = tl.program_id(1) * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
+            p_mask = (rows[:, None] < M) & (half[None, :] < Kp // 2)
+            p_offsets = rows[:, None].to(tl.int64) * (Kp // 2) + half[None, :]
+            tl.store(row_codes_ptr + p_offsets, packed, mask=p_mask)
+        else:
+            c_mask = (rows[:, None] < M) & (cols[None, :] < Kp)
+            c_offsets = rows[:, None].to(tl.int64) * Kp + cols[None, :]
+            tl.store(row_codes_ptr + c_offsets, q.to(tl.uint8), mask=c_mask)
+
+    if COLS:
+        MB: tl.constexpr = BLOCK_M // 32
+        amax = tl.max(tl.reshape(magnitude, (MB, 32, BLOCK_K)), axis=1)  # (MB, BLOCK_K)
+        code, inv_scale, special = _mx_scale(amax, EMAX, INV_MAX, RCEIL)
+        y = tl.reshape(x, (MB, 32, BLOCK_K)) * inv_scale[:, None, :]
+        q = tl.where(special[:, None, :], 0, _mx_codes(y, ELEM))
+        q = tl.reshape(q, (BLOCK_M, BLOCK_K))
+        blocks = tl.program_id(0) * MB + tl.arange(0, MB)
+        s_mask = (blocks[:, None] < Mp // 32) & (cols[None, :] < K)
+        s_offsets = blocks[:, None].to(tl.int64) * K + cols[None, :]
+        tl.store(col_scales_ptr + s_offsets, code.to(tl.uint8), mask=s_mask)
+        c_mask = (rows[:, None] < Mp) & (cols[None, :] < K)
+        c_offsets = rows[:, None].to(tl.int64) * K + cols[None, :]
+        tl.store(col_codes_ptr + c_offsets, q.to(tl.uint8), mask=c_mask)
+
+
+def _check(x, elem, scale_rounding, who):
+    if elem not in MX_ELEMENTS:
+        raise ValueError(f"{who}: elem must be one of {', '.join(MX_ELEMENTS)}, got {elem!r}")
+    if scale_rounding not in SCALE_ROUNDINGS:
+        raise ValueError(f"{who}: scale_rounding must be 'floor' or 'rceil', got {scale_rounding!r}")
+    runtime.check_tensor(x, "x", dtypes=INPUT_DTYPES, contiguous=False, ndim=2)
+
+
+def _launch(x, elem, scale_rounding, rows, cols):
+    M, K = x.shape
+    Mp, Kp = -(-M // 32) * 32, -(-K // 32) * 32
+    kind, emax, inv_max, code_dtype = MX_ELEMENTS[elem]
+    dev = x.device
+    row_codes = torch.zeros((M, Kp // 2 if kind == 2 else Kp) if rows else (0,), dtype=torch.uint8, device=dev)
+    row_scales = torch.zeros((M, Kp // 32) if rows else (0,), dtype=torch.uint8, device=dev)
+    col_codes = torch.zeros((Mp, K) if cols else (0,), dtype=torch.uint8, device=dev)
+    col_scales = torch.zeros((Mp // 32, K) if cols else (0,), dtype=torch.uint8, device=dev)
+    if x.numel():
+        block_m, block_k = (64, 128) if cols else (32, 128)
+        grid = (triton.cdiv(M, block_m), triton.cdiv(Kp, block_k))
+        dummy = row_codes if rows else col_codes
+        _mx_kernel[grid](
+            x, row_codes if rows else dummy, row_scales if rows else dummy,
+            col_codes if cols else dummy, col_scales if cols else dummy,
+            M, K, Mp, Kp, x.stride(0), x.stride(1),
+            ELEM=kind, EMAX=emax, INV_MAX=inv_max, RCEIL=scale_rounding == "rceil",
+            ROWS=rows, COLS=cols, BLOCK_M=block_m, BLOCK_K=block_k, num_warps=8 if cols else 4,
+        )
+    out = []
+    if rows:
+        out += [row_codes.view(code_dtype), row_scales.view(torch.float8_e8m0fnu)]
+    if cols:
+        out += [col_codes.view(code_dtype), col_scales.view(torch.float8_e8m0fnu)]
+    return tuple(out)
+
+
+def quantize_mx_rows(x: torch.Tensor, elem: str = "fp8_e4m3", scale_rounding: str = "floor"):
+    """MX-quantize a 2-D tensor along its rows (blocks of 32 along the last axis).
+
+    Returns ``(codes, scales)`` as :meth:`companion.mx.MXTensor.to_torch` would: codes of shape
+    ``(M, K padded to 32)`` (``float8_e4m3fn``/``float8_e5m2``; FP4 packed to ``float4_e2m1fn_x2`` of
+    half that width) and E8M0 scales ``(M, K_padded / 32)`` as ``float8_e8m0fnu``.
+    """
+    _check(x, elem, scale_rounding, "quantize_mx_rows")
+    return _launch(x, elem, scale_rounding, rows=True, cols=False)
+
+
+def quantize_mx_rows_and_columns(x: torch.Tensor, elem: str = "fp8_e4m3", scale_rounding: str = "floor"):
+    """MXFP8 along rows and along columns from one read of ``x``.
+
+    Returns ``(row_codes, row_scales, col_codes, col_scales)``: the first pair as
+    :func:`quantize_mx_rows`; the second as ``quantize_mx(x, elem, axis=0)`` lays them out, codes
+    ``(M padded to 32, K)`` and scales ``(M_padded / 32, K)``.
+    """
+    _check(x, elem, scale_rounding, "quantize_mx_rows_and_columns")
+    if elem == "fp4_e2m1":
+        raise ValueError("quantize_mx_rows_and_columns: MXFP4 column-wise codes are not supported; use fp8_e4m3 or fp8_e5m2")
+    return _launch(x, elem, scale_rounding, rows=True, cols=True)

@@ -1,0 +1,264 @@
+"""The quantization kernels equal their references bit for bit: FP8 blockwise, MXFP8, MXFP4, NVFP4.
+
+Under the interpreter (CI, CPU) the shapes stay tiny; larger shapes run compiled (marker ``gpu``).
+References: ``fp8_blockwise_reference`` and ``nvfp4_reference`` state the kernels' float32 arithmetic
+and are checked against companion.scaling / companion.mx; the MX kernels equal companion.mx directly.
+"""
+import numpy as np
+import pytest
+import torch
+
+from companion import mx, runtime, scaling
+from companion.kernels import (
+    dequantize_fp8_blockwise, dequantize_mx, dequantize_nvfp4, fp8_blockwise_reference, nvfp4_reference,
+    quantize_fp8_blockwise, quantize_mx_rows, quantize_mx_rows_and_columns, quantize_nvfp4_kernel,
+)
+
+DEVICE = runtime.kernel_device()
+SHAPES = [(1, 1), (3, 130), (130, 5), (2, 257)]  # 1x1, ragged tails, tall/skinny
+NAN, INF = float("nan"), float("inf")
+
+
+def sample(shape, seed, dtype=torch.float32, specials=True):
+    """Values over a wide range of magnitudes, with NaN/Inf/-0/subnormals/an all-zero row mixed in."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g) * torch.exp2(torch.randint(-20, 20, shape, generator=g).float())
+    if specials and x.shape[0] > 2 and x.shape[1] > 6:
+        x[0, :6] = torch.tensor([NAN, INF, -0.0, 1e-40, -INF, -1e-45])  # one block with NaN/Inf
+        x[1] = 0.0  # all-zero blocks
+        x[2] = torch.randn(x.shape[1], generator=g) * 1e-39  # subnormal blocks
+    return x.to(dtype)
+
+
+def bits(t):
+    t = t.detach().cpu()
+    return t.view(torch.uint8) if t.dtype.itemsize == 1 else t.view(torch.int32) if t.dtype == torch.float32 else t
+
+
+def assert_same_bits(got, want):
+    for g, w in zip(got, want):
+        assert g.shape == w.shape, (g.shape, w.shape)
+        gb, wb = bits(g), bits(w)
+        bad = (gb != wb).nonzero()
+        assert bad.numel() == 0, f"{bad.shape[0]} codes differ, first at {bad[0].tolist()}: {gb[tuple(bad[0])]} vs {wb[tuple(bad[0])]}"
+
+
+def assert_same_values(got, want):
+    """Equal floats, NaN where the other has NaN (NaN payloads are not compared)."""
+    got, want = got.detach().cpu().float(), want.detach().cpu().float()
+    nan = torch.isnan(want)
+    assert torch.equal(torch.isnan(got), nan)
+    assert torch.equal(got[~nan].view(torch.int32), want[~nan].view(torch.int32))
+
+
+# ---------------------------------------------------------------- rounding by hand (carries, ties, saturation)
+
+def test_e4m3_rounding_table_by_hand():
+    # With 448 in the row the scale is exactly 1, so the codes are E4M3(x) itself.
+    table = [  # value, expected code
+        (448.0, 0x7E), (INF, 0x7E), (-INF, 0xFE),  # Inf saturates (and is left out of the amax)
+        (1.9375, 0x40),  # tie between 1.875 (odd) and 2: carries into the exponent
+        (127.96, 0x70),  # the case the triton 3.9 interpreter's cast gets wrong: 128, not 64
+        (0.0150146484375, 0x08),  # 7.6875 * 2^-9: the largest subnormal carries into the smallest normal
+        (2.0 ** -10, 0x00), (3 * 2.0 ** -10, 0x02), (-2.0 ** -10, 0x80),  # subnormal ties to even
+        (-0.0, 0x80), (NAN, 0x7F), (1.0625, 0x38), (1.1875, 0x3A), (-240.0, 0xF7),
+    ]
+    x = torch.tensor([[v for v, _ in table]], dtype=torch.float32)
+    codes, scales = quantize_fp8_blockwise(x.to(DEVICE))
+    assert scales.item() == 1.0
+    assert bits(codes)[0].tolist() == [c for _, c in table]
+    assert_same_bits((codes,), fp8_blockwise_reference(x)[:1])
+    back = dequantize_fp8_blockwise(codes, scales, out_dtype=torch.float32).cpu()
+    assert torch.signbit(back[0, [c == 0x80 for _, c in table]]).all()  # -0 comes back as -0
+
+
+# ---------------------------------------------------------------- FP8 blockwise (DeepSeek-V3)
+
+@pytest.mark.parametrize("tile", [(1, 128), (128, 128)])
+@pytest.mark.parametrize("pow2", [False, True])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_fp8_blockwise_matches_reference(tile, pow2, shape):
+    x = sample(shape, seed=sum(shape))
+    got = quantize_fp8_blockwise(x.to(DEVICE), tile, power_of_two_scales=pow2)
+    assert_same_bits(got, fp8_blockwise_reference(x, tile, pow2))
+    if pow2:
+        m, _ = np.frexp(got[1].cpu().numpy())
+        assert (m == 0.5).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fp8_blockwise_reads_half_precision(dtype):
+    x = sample((5, 200), seed=3, dtype=dtype)
+    assert_same_bits(quantize_fp8_blockwise(x.to(DEVICE)), fp8_blockwise_reference(x))
+
+
+@pytest.mark.parametrize("tile", [(1, 128), (128, 128)])
+def test_fp8_reference_equals_companion_scaling(tile):
+    """The float32 definition gives the bits of companion.scaling's float64 one (fp32 scales)."""
+    for seed, shape in enumerate([(130, 300), (7, 1000), (257, 129)]):
+        x = sample(shape, seed)
+        codes, scales = fp8_blockwise_reference(x, tile)
+        qt = scaling.quantize(x, "fp8_e4m3", scaling.per_tile(*tile), pad=True)
+        assert np.array_equal(bits(codes).numpy(), qt.codes.astype(np.uint8))
+        assert np.array_equal(scales.numpy().astype(np.float64), qt.scales)
+
+
+def test_fp8_blockwise_non_contiguous_and_dequantize():
+    base = sample((260, 9), seed=11)
+    x = base.t()  # (9, 260), strides (1, 9)
+    assert_same_bits(quantize_fp8_blockwise(x.to(DEVICE).t().contiguous().t()), fp8_blockwise_reference(x))
+    y = sample((6, 400), seed=12)[:, ::3]
+    codes, scales = quantize_fp8_blockwise(y.to(DEVICE), (128, 128))
+    assert_same_bits((codes, scales), fp8_blockwise_reference(y, (128, 128)))
+    want = scaling.quantize(y, "fp8_e4m3", scaling.per_tile(128, 128), pad=True).dequantize()
+    want = torch.from_numpy(want).float()
+    assert_same_values(dequantize_fp8_blockwise(codes, scales, (128, 128), torch.float32), want)
+    assert_same_values(dequantize_fp8_blockwise(codes, scales, (128, 128)), want.bfloat16())
+
+
+# ---------------------------------------------------------------- MX
+
+@pytest.mark.parametrize("elem", ["fp8_e4m3", "fp8_e5m2", "fp4_e2m1"])
+@pytest.mark.parametrize("scale_rounding", ["floor", "rceil"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_mx_rows_match_companion_mx(elem, scale_rounding, shape):
+    x = sample(shape, seed=7 + sum(shape))
+    got = quantize_mx_rows(x.to(DEVICE), elem, scale_rounding)
+    ref = mx.quantize_mx(x, elem, axis=-1, scale_rounding=scale_rounding)
+    if elem == "fp4_e2m1":
+        want = (torch.from_numpy(mx.pack_fp4(ref.elements)), torch.from_numpy(ref.scales))
+    else:
+        want = ref.to_torch()
+    assert_same_bits(got, want)
+    deq = dequantize_mx(*got, shape, out_dtype=torch.float32)
+    assert_same_values(deq, torch.from_numpy(ref.dequantize()).float())
+
+
+@pytest.mark.parametrize("elem", ["fp8_e4m3", "fp8_e5m2"])
+@pytest.mark.parametrize("scale_rounding", ["floor", "rceil"])
+@pytest.mark.parametrize("shape", [(1, 1), (33, 70), (100, 3)])
+def test_mx_rows_and_columns_at_once(elem, scale_rounding, shape):
+    x = sample(shape, seed=100 + sum(shape), dtype=torch.bfloat16)
+    got = quantize_mx_rows_and_columns(x.to(DEVICE), elem, scale_rounding)
+    rows = mx.quantize_mx(x, elem, axis=-1, scale_rounding=scale_rounding).to_torch()
+    cols = mx.quantize_mx(x, elem, axis=0, scale_rounding=scale_rounding)
+    assert_same_bits(got, rows + cols.to_torch())
+    deq = dequantize_mx(got[2], got[3], shape, axis=0, out_dtype=torch.bfloat16)
+    assert_same_values(deq, torch.from_numpy(cols.dequantize()).float().bfloat16())
+
+
+def test_mx_special_blocks():
+    x = torch.ones(4, 64)
+    x[0, 3], x[1, 40], x[2] = NAN, -INF, 0.0
+    x[3, :32] = 2.0 ** -140  # below E8M0's range: scale 2^-127, codes round to zero
+    codes, scales = quantize_mx_rows(x.to(DEVICE))
+    s = bits(scales)
+    assert s[0, 0] == 0xFF and s[1, 1] == 0xFF and (s[2] == 0).all() and s[3, 0] == 0
+    assert (bits(codes)[0, :32] == 0).all() and (bits(codes)[3, :32] == 0).all()
+    assert_same_bits((codes, scales), mx.quantize_mx(x, "fp8_e4m3").to_torch())
+
+
+def test_mx_non_contiguous():
+    x = sample((70, 40), seed=5).t()  # (40, 70), column-major
+    assert_same_bits(quantize_mx_rows(x.to(DEVICE), "fp4_e2m1"),
+                     (torch.from_numpy(mx.pack_fp4(mx.quantize_mx(x, "fp4_e2m1").elements)),
+                      torch.from_numpy(mx.quantize_mx(x, "fp4_e2m1").scales)))
+
+
+# ---------------------------------------------------------------- NVFP4
+
+@pytest.mark.parametrize("shape", SHAPES + [(40, 48)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nvfp4_matches_reference(shape, dtype):
+    x = sample(shape, seed=50 + sum(shape), dtype=dtype)
+    got = quantize_nvfp4_kernel(x.to(DEVICE))
+    want = nvfp4_reference(x)
+    assert_same_bits(got[:2], want[:2])
+    assert bits(got[2]) == bits(want[2])
+    ref = mx.quantize_nvfp4(x)
+    expected = torch.from_numpy(mx.pack_fp4(ref.elements)), torch.from_numpy(ref.block_scales)
+    if dtype == torch.float32:  # full-precision inputs: the float32 and float64 definitions coincide
+        assert_same_bits(want[:2], expected)
+        assert_same_values(dequantize_nvfp4(*got, shape, torch.float32), torch.from_numpy(ref.dequantize()).float())
+    assert want[2].item() == ref.tensor_scale
+
+
+def test_nvfp4_float32_and_float64_definitions_differ_only_next_to_a_tie():
+    """bf16 inputs make x / (s_block * s_tensor) land exactly on an E2M1 tie in exact arithmetic; then
+    the rounding error of the float32 scale (kernel) or of the float64 one (companion.mx) picks the
+    side. Such codes differ by one step; everything else agrees."""
+    x = sample((64, 512), seed=309, dtype=torch.bfloat16, specials=False)
+    want = mx.quantize_nvfp4(x)
+    codes, scales, _ = nvfp4_reference(x)
+    assert np.array_equal(bits(scales).numpy(), want.block_scales)
+    got = mx.unpack_fp4(bits(codes).numpy())[:, : x.shape[1]].astype(np.int64)
+    ref = want.elements.astype(np.int64)
+    differ = got != ref
+    assert differ.mean() < 1e-3
+    assert (np.abs(got[differ] - ref[differ]) == 1).all()  # same sign, adjacent magnitudes
+def test_nvfp4_static_amax_and_zeros():
+    x = sample((3, 40), seed=9, specials=False)
+    got = quantize_nvfp4_kernel(x.to(DEVICE), global_amax=1.5)
+    assert_same_bits(got[:2], nvfp4_reference(x, global_amax=1.5)[:2])
+    z = quantize_nvfp4_kernel(torch.zeros(2, 16, device=DEVICE))
+    assert z[2].item() == 1.0 and (bits(z[0]) == 0).all() and (bits(z[1]) == 0).all()
+
+
+# ---------------------------------------------------------------- launchers
+
+def test_empty_tensors():
+    for shape in [(0, 5), (3, 0)]:
+        x = torch.empty(shape, device=DEVICE)
+        codes, scales = quantize_fp8_blockwise(x)
+        assert codes.shape == shape and scales.shape == (shape[0], -(-shape[1] // 128))
+        assert quantize_mx_rows(x)[0].shape == (shape[0], -(-shape[1] // 32) * 32)
+        assert quantize_nvfp4_kernel(x)[0].shape == (shape[0], -(-shape[1] // 16) * 8)
+        assert dequantize_fp8_blockwise(codes, scales).shape == shape
+
+
+def test_bad_input_is_refused_clearly():
+    x = torch.ones(4, 4, device=DEVICE)
+    with pytest.raises(TypeError, match="dtype int32"):
+        quantize_fp8_blockwise(x.int())
+    with pytest.raises(ValueError, match="2 dimensions"):
+        quantize_mx_rows(x[None])
+    with pytest.raises(ValueError, match="tile"):
+        quantize_fp8_blockwise(x, (32, 32))
+    with pytest.raises(ValueError, match="scale_rounding"):
+        quantize_mx_rows(x, scale_rounding="even")
+    with pytest.raises(ValueError, match="MXFP4"):
+        quantize_mx_rows_and_columns(x, "fp4_e2m1")
+    codes, scales = quantize_fp8_blockwise(x)
+    with pytest.raises(ValueError, match="shape"):
+        dequantize_fp8_blockwise(codes, scales[:, :0])
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        quantize_nvfp4_kernel(np.ones((2, 2), dtype=np.float32))
+
+
+# ---------------------------------------------------------------- compiled, larger shapes
+
+@pytest.mark.gpu
+def test_compiled_kernels_on_large_random_inputs():
+    x = sample((1031, 4133), seed=1, dtype=torch.float32)
+    raw = torch.from_numpy(np.random.default_rng(2).integers(0, 2**32, (64, 4133), dtype=np.uint64)
+                           .astype(np.uint32).view(np.float32))
+    raw = torch.where(torch.isfinite(raw), raw, torch.zeros(()))  # every finite bit pattern
+    x = torch.cat([x, raw])
+    xd = x.cuda()
+    for tile in [(1, 128), (128, 128)]:
+        for pow2 in (False, True):
+            assert_same_bits(quantize_fp8_blockwise(xd, tile, pow2), fp8_blockwise_reference(x, tile, pow2))
+    for elem in ["fp8_e4m3", "fp8_e5m2"]:
+        for sr in ["floor", "rceil"]:
+            got = quantize_mx_rows_and_columns(xd.bfloat16(), elem, sr)
+            xb = x.bfloat16()
+            want = mx.quantize_mx(xb, elem, axis=-1, scale_rounding=sr).to_torch() + \
+                mx.quantize_mx(xb, elem, axis=0, scale_rounding=sr).to_torch()
+            assert_same_bits(got, want)
+    ref = mx.quantize_mx(x, "fp4_e2m1", scale_rounding="rceil")
+    assert_same_bits(quantize_mx_rows(xd, "fp4_e2m1", "rceil"),
+                     (torch.from_numpy(mx.pack_fp4(ref.elements)), torch.from_numpy(ref.scales)))
+    got = quantize_nvfp4_kernel(xd)
+    want = nvfp4_reference(x)
+    assert_same_bits(got[:2], want[:2])
+    assert bits(got[2]) == bits(want[2])
