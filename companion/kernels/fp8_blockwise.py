@@ -109,7 +109,7 @@ def quantize_fp8_blockwise(x: torch.Tensor, tile=(1, 128), power_of_two_scales: 
     grid = (triton.cdiv(M, block_m), triton.cdiv(K, 128))
     _fp8_blockwise_kernel[grid](
         x, codes, scales, M, K, x.stride(0), x.stride(1), scales.shape[1],
-        TILE_ROWS=rows, BLOCK_M=block_m, POW2=bool(power_of_two_scales), num_warps=8 if rows == 128 else 4,
+        TILE_ROWS=rows, BLOCK_M=block_m, POW2=bool(power_of_two_scales), num_warps=16 if rows == 128 else 4,
     )
     return codes.view(torch.float8_e4m3fn), scales
 
