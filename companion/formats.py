@@ -82,7 +82,8 @@ Comparison with other libraries (ml_dtypes 0.6, torch 2.13)
 For float32 inputs, codes agree bit for bit with ml_dtypes and torch casts,
 except where noted here.
 
-* Both libraries convert float64 via float32, which rounds twice; numpy's
+* Both libraries' array casts convert float64 via float32, which rounds twice
+  (ml_dtypes' scalar constructor rounds once); numpy's
   float64 -> float16 cast and this module round once (tf32 included: a float64
   input is not first rounded to float32).
 * NaN: both keep the sign of a NaN (-NaN -> 0xFF in E4M3); torch gives 0x7F
@@ -571,8 +572,17 @@ class FloatFormat(NumberFormat):
 
     @property
     def eps(self):
-        """Machine epsilon: the gap between 1 and the next larger value."""
-        return math.ldexp(1.0, -self.man_bits)
+        """Machine epsilon: the gap between 1 and the next larger value.
+
+        2^-man_bits when 1 is a normal number, as in every named format; in a user-defined format
+        whose 1.0 falls among the subnormals the gap is the subnormal spacing, and where 1 or the
+        value above it is out of range there is no such gap: None.
+        """
+        if self.subnormals and self.emin > 0:  # 1.0 lies below the normal range
+            gap = math.ldexp(1.0, self.emin - self.man_bits)
+        else:
+            gap = math.ldexp(1.0, -self.man_bits)
+        return gap if 1.0 + gap <= self.max and 1.0 >= self.min_positive else None
 
     # -- decode / encode ------------------------------------------------------
     def _decode(self, c):

@@ -1063,3 +1063,16 @@ def test_bit_fields_reconstruct_every_code(name):
             exact = -exact
         assert exact == Fraction(value) and float(m["v"]) == value
         assert b.is_subnormal == (m["lead"] == "0" and value != 0)
+
+
+def test_eps_is_the_gap_above_one_in_user_formats():
+    # 1.0 subnormal (bias 0: emin = 1): the gap above it is the subnormal spacing 2^(1-6).
+    sub = FloatFormat("e1m6", 1, 6, bias=0, specials="none")
+    values = sub.values()
+    assert 1.0 in values and sub.eps == values[values > 1.0].min() - 1.0 == 2.0**-5
+    # 1.0 out of range (bias 8: max = 2^-1 * 1.875): no gap to report.
+    assert FloatFormat("e3m3_small", 3, 3, bias=8).eps is None
+    for name in ("fp8_e4m3", "fp6_e2m3", "fp4_e2m1", "bf16"):
+        fmt = get_format(name)
+        v = fmt.values()
+        assert fmt.eps == v[v > 1.0].min() - 1.0
