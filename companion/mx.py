@@ -440,8 +440,20 @@ def bits_per_element(elem, block_size=MX_BLOCK_SIZE, scale_bits=8) -> Fraction:
     return Fraction(element_type(elem).bits) + Fraction(scale_bits, _check_block_size(block_size, "bits_per_element"))
 
 
+class _StorageAccounting:
+    """Exact storage of a block-scaled tensor, from the ``storage_bits()`` of its parts."""
+
+    @property
+    def total_bits(self) -> int:
+        return sum(self.storage_bits().values())
+
+    @property
+    def bits_per_element(self) -> Fraction:
+        return Fraction(self.total_bits, max(math.prod(self.shape), 1))
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
-class MXTensor:
+class MXTensor(_StorageAccounting):
     """An MX-quantized tensor: element codes, E8M0 scale codes and what is needed to read them.
 
     ``elements`` has the tensor's shape with ``axis`` padded to a multiple of ``block_size``;
@@ -481,14 +493,6 @@ class MXTensor:
     def storage_bits(self) -> dict:
         return {"elements": int(self.elements.size) * self.element_type.bits,
                 "scales": int(self.scales.size) * 8}
-
-    @property
-    def total_bits(self) -> int:
-        return sum(self.storage_bits().values())
-
-    @property
-    def bits_per_element(self) -> Fraction:
-        return Fraction(self.total_bits, max(math.prod(self.shape), 1))
 
     def to_torch(self):
         """(elements, scales) as torch tensors of the dtypes the hardware reads.
@@ -603,7 +607,7 @@ def nvfp4_tensor_scale(amax) -> float:
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class NVFP4Tensor:
+class NVFP4Tensor(_StorageAccounting):
     """An NVFP4 tensor: E2M1 codes, E4M3 block scale codes and the FP32 tensor scale.
 
     With ``blocks="1d"`` the blocks are 16 elements along ``axis``; with ``"2d"`` they are 16 x 16
@@ -639,14 +643,6 @@ class NVFP4Tensor:
         return {"elements": int(self.elements.size) * 4,
                 "block scales": int(self.elements.size) // NVFP4_BLOCK_SIZE * 8,
                 "tensor scale": 32}
-
-    @property
-    def total_bits(self) -> int:
-        return sum(self.storage_bits().values())
-
-    @property
-    def bits_per_element(self) -> Fraction:
-        return Fraction(self.total_bits, max(math.prod(self.shape), 1))
 
     def to_torch(self):
         """(elements as float4_e2m1fn_x2, block scales as float8_e4m3fn, tensor scale as float32)."""

@@ -1,4 +1,4 @@
-"""Device functions shared by the quantization kernels: float32 -> narrow float codes and back.
+"""Device functions shared by the quantization kernels: loading a tile, float32 -> narrow codes and back.
 
 Every rounding here is done on the float32 bit pattern with integer arithmetic, so that a kernel gives
 the same bits compiled on the GPU and under the Triton interpreter (whose ``x.to(tl.float8e4nv)`` in
@@ -137,3 +137,11 @@ def to_fp32(x):
         return (x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
     else:
         return x.to(tl.float32)
+
+
+@triton.jit
+def load_tile_fp32(x_ptr, rows, cols, M, K, stride_xm, stride_xk):
+    """The (rows, cols) tile of an (M, K) bf16/fp16/fp32 tensor of any strides, as float32; 0 outside."""
+    mask = (rows[:, None] < M) & (cols[None, :] < K)
+    offsets = rows[:, None].to(tl.int64) * stride_xm + cols[None, :].to(tl.int64) * stride_xk
+    return to_fp32(tl.load(x_ptr + offsets, mask=mask, other=0.0))

@@ -27,7 +27,7 @@ import triton.language as tl
 
 from companion import runtime
 from companion.formats import get_format
-from companion.kernels.float_codes import to_e4m3, to_fp32
+from companion.kernels.float_codes import load_tile_fp32, to_e4m3
 
 INPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 TILES = ((1, 128), (128, 128))
@@ -50,10 +50,7 @@ def _fp8_blockwise_kernel(
     pid_k = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_k * 128 + tl.arange(0, 128)
-    mask = (rows[:, None] < M) & (cols[None, :] < K)
-    x_offsets = rows[:, None].to(tl.int64) * stride_xm + cols[None, :].to(tl.int64) * stride_xk
-    x = tl.load(x_ptr + x_offsets, mask=mask, other=0.0)
-    x = to_fp32(x)  # (BLOCK_M, 128)
+    x = load_tile_fp32(x_ptr, rows, cols, M, K, stride_xm, stride_xk)  # (BLOCK_M, 128)
 
     # amax over finite elements, as a max of bit patterns (order-preserving for non-negative floats)
     magnitude = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
@@ -80,7 +77,7 @@ def _fp8_blockwise_kernel(
         tl.store(scales_ptr + pid_m * n_scale_cols + pid_k, s)
     codes = to_e4m3(y).to(tl.uint8)
     c_offsets = rows[:, None].to(tl.int64) * K + cols[None, :]
-    tl.store(codes_ptr + c_offsets, codes, mask=mask)
+    tl.store(codes_ptr + c_offsets, codes, mask=(rows[:, None] < M) & (cols[None, :] < K))
 
 
 def _check_tile(tile):

@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from companion import runtime
-from companion.kernels.float_codes import to_e2m1, to_e4m3, to_e5m2, to_fp32
+from companion.kernels.float_codes import load_tile_fp32, to_e2m1, to_e4m3, to_e5m2
 
 INPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 MX_ELEMENTS = {  # name -> (kernel id, emax, fp32(1 / max), torch dtype of the codes)
@@ -93,10 +93,7 @@ def _mx_kernel(
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    mask = (rows[:, None] < M) & (cols[None, :] < K)
-    x_offsets = rows[:, None].to(tl.int64) * stride_xm + cols[None, :].to(tl.int64) * stride_xk
-    x = tl.load(x_ptr + x_offsets, mask=mask, other=0.0)
-    x = to_fp32(x)  # (BLOCK_M, BLOCK_K)
+    x = load_tile_fp32(x_ptr, rows, cols, M, K, stride_xm, stride_xk)  # (BLOCK_M, BLOCK_K)
     magnitude = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
 
     if ROWS:

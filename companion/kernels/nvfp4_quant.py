@@ -26,7 +26,7 @@ import triton.language as tl
 
 from companion import runtime
 from companion.formats import get_format
-from companion.kernels.float_codes import from_e4m3, to_e2m1, to_e4m3, to_fp32
+from companion.kernels.float_codes import load_tile_fp32, from_e4m3, to_e2m1, to_e4m3
 from companion.mx import pack_fp4
 
 INPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -42,10 +42,7 @@ def _amax_kernel(
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    mask = (rows[:, None] < M) & (cols[None, :] < K)
-    x_offsets = rows[:, None].to(tl.int64) * stride_xm + cols[None, :].to(tl.int64) * stride_xk
-    x = tl.load(x_ptr + x_offsets, mask=mask, other=0.0)
-    x = to_fp32(x)
+    x = load_tile_fp32(x_ptr, rows, cols, M, K, stride_xm, stride_xk)
     magnitude = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
     finite = tl.where(magnitude < 0x7F800000, magnitude, 0)
     tl.atomic_max(amax_ptr, tl.max(tl.max(finite, axis=1), axis=0))
@@ -70,10 +67,7 @@ def _nvfp4_kernel(
 
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    mask = (rows[:, None] < M) & (cols[None, :] < K)
-    x_offsets = rows[:, None].to(tl.int64) * stride_xm + cols[None, :].to(tl.int64) * stride_xk
-    x = tl.load(x_ptr + x_offsets, mask=mask, other=0.0)
-    x = to_fp32(x)
+    x = load_tile_fp32(x_ptr, rows, cols, M, K, stride_xm, stride_xk)
     NB: tl.constexpr = BLOCK_K // 16
     x3 = tl.reshape(x, (BLOCK_M, NB, 16))
     amax_bits = tl.max(tl.reshape(x.to(tl.int32, bitcast=True) & 0x7FFFFFFF, (BLOCK_M, NB, 16)), axis=2)
