@@ -262,3 +262,72 @@ def test_compiled_kernels_on_large_random_inputs():
     want = nvfp4_reference(x)
     assert_same_bits(got[:2], want[:2])
     assert bits(got[2]) == bits(want[2])
+
+
+# ---------------------------------------------------------------- stochastic rounding
+
+def _stochastic_case(rows=512, seed=3):
+    """One row of values spread over E4M3's range (amax 1, so scale 1/448), repeated `rows` times."""
+    g = torch.Generator().manual_seed(seed)
+    row = (torch.rand(128, generator=g) * 2 - 1) * torch.exp2(-torch.randint(0, 10, (128,), generator=g).float())
+    row[0] = 1.0
+    row[1:4] = torch.tensor([0.0, -0.0, 2.0**-20])
+    return row.repeat(rows, 1)
+
+
+def _neighbour_check(codes, exact, fmt, rows):
+    """Every code is one of the two neighbours of `exact`; the mean over rows is `exact` (5 sigma)."""
+    lower = fmt.encode(exact, rounding="toward_zero", saturate=True).astype(np.int64)
+    got = codes.astype(np.int64)
+    sign = 1 << (fmt.bits - 1)
+    magnitude, lower_magnitude = got & (sign - 1), lower & (sign - 1)
+    assert np.isin(magnitude - lower_magnitude, [0, 1]).all()
+    exact_hit = fmt.decode(lower) == exact
+    assert (magnitude[:, exact_hit[0]] == lower_magnitude[:, exact_hit[0]]).all()  # representable: never moves
+    low_v = np.abs(fmt.decode(lower[0]))
+    high_v = np.abs(fmt.decode(np.minimum(lower_magnitude[0] + 1, sign - 1)))
+    inside = np.abs(exact[0]) <= fmt.max  # beyond max both roundings saturate
+    assert (np.abs(fmt.decode(codes[:, ~inside])) == fmt.max).all()
+    gap = np.where(exact_hit[0] | ~inside, 0.0, high_v - low_v)
+    p = np.where(gap > 0, (np.abs(exact[0]) - low_v) / np.where(gap > 0, gap, 1), 0.0)
+    mean = np.abs(fmt.decode(codes)).mean(axis=0)
+    bound = 5 * np.sqrt(p * (1 - p) / rows) * gap + 1e-12
+    assert (np.abs(mean - np.abs(exact[0])) <= bound)[inside].all()
+    assert (0 < p[inside & ~exact_hit[0]]).all()  # the case is not degenerate: real coin flips
+
+
+def test_fp8_stochastic_rounding_is_adjacent_unbiased_and_reproducible():
+    from companion.formats import get_format
+
+    rows = 512
+    x = _stochastic_case(rows)
+    xd = x.to(DEVICE)
+    codes, scales = quantize_fp8_blockwise(xd, rounding="stochastic", seed=11)
+    _, rtn_scales = fp8_blockwise_reference(x)
+    assert torch.equal(scales.cpu(), rtn_scales)  # scales do not depend on the rounding
+    exact = (x / rtn_scales).numpy()  # float32 division, as the kernel divides
+    _neighbour_check(bits(codes).numpy(), exact, get_format("fp8_e4m3"), rows)
+    again, _ = quantize_fp8_blockwise(xd, rounding="stochastic", seed=11)
+    other, _ = quantize_fp8_blockwise(xd, rounding="stochastic", seed=12)
+    assert torch.equal(bits(again), bits(codes)) and not torch.equal(bits(other), bits(codes))
+    with pytest.raises(ValueError, match="rounding"):
+        quantize_fp8_blockwise(xd, rounding="toward_zero")
+
+
+def test_nvfp4_stochastic_rounding_is_adjacent_unbiased_and_reproducible():
+    from companion.formats import get_format
+
+    rows = 512
+    x = _stochastic_case(rows, seed=5)[:, :64] * 3.0
+    xd = x.to(DEVICE)
+    codes, block_scales, tensor_scale = quantize_nvfp4_kernel(xd, rounding="stochastic", seed=1)
+    rtn = nvfp4_reference(x)
+    assert torch.equal(bits(block_scales), bits(rtn[1])) and bits(tensor_scale) == bits(rtn[2])
+    scale = (torch.from_numpy(get_format("fp8_e4m3").decode(bits(block_scales).numpy())).float()
+             * tensor_scale.cpu())  # float32, per block of 16
+    exact = (x / scale.repeat_interleave(16, dim=1)).numpy()
+    unpacked = mx.unpack_fp4(bits(codes).numpy())
+    _neighbour_check(unpacked, exact, get_format("fp4_e2m1"), rows)
+    again = quantize_nvfp4_kernel(xd, rounding="stochastic", seed=1)[0]
+    other = quantize_nvfp4_kernel(xd, rounding="stochastic", seed=2)[0]
+    assert torch.equal(bits(again), bits(codes)) and not torch.equal(bits(other), bits(codes))

@@ -60,6 +60,38 @@ def round_to_code(
 
 
 @triton.jit
+def round_to_code_stochastic(
+    y,  # float32 values to round
+    rand,  # uint32 random bits, one per value (tl.randint)
+    BITS: tl.constexpr, MAN_BITS: tl.constexpr, BIAS: tl.constexpr, SUB_SCALE: tl.constexpr,
+    MAX_CODE: tl.constexpr, NAN_CODE: tl.constexpr,  # as in round_to_code
+):
+    """float32 -> int32 codes, rounding |y| up with probability equal to its distance above the lower
+    neighbour divided by the gap (so the expected value is y), saturating, NaN to NAN_CODE.
+
+    Normal targets: the 23 - M bits that nearest-even rounding would drop are compared with as many
+    random bits; adding the random bits and truncating carries with exactly that probability.
+    Subnormal targets: the fraction of |y| / min_subnormal (exact in float32) is compared with a
+    24-bit uniform number, which is unbiased to within 2^-24 of a step.
+    """
+    bits = y.to(tl.int32, bitcast=True)
+    sign = (bits >> 31) & 1
+    mag = bits & 0x7FFFFFFF
+    SHIFT: tl.constexpr = 23 - MAN_BITS
+    rebased = mag - ((127 - BIAS) << 23)
+    normal = (rebased + (rand >> (32 - SHIFT)).to(tl.int32)) >> SHIFT
+    q = tl.abs(y) * SUB_SCALE
+    lower = tl.floor(q)
+    uniform = (rand >> 8).to(tl.float32) * 5.9604644775390625e-08  # 2^-24
+    subnormal = lower.to(tl.int32) + (uniform < q - lower).to(tl.int32)
+    code = tl.where(mag >= ((128 - BIAS) << 23), normal, subnormal)
+    code = tl.minimum(code, MAX_CODE) | (sign << (BITS - 1))
+    if NAN_CODE >= 0:
+        code = tl.where(mag > 0x7F800000, NAN_CODE, code)
+    return code
+
+
+@triton.jit
 def to_e4m3(y):
     """float32 -> OCP FP8 E4M3 codes (max 448 = 0x7E, NaN 0x7F, no Inf)."""
     if HARDWARE_E4M3:
@@ -78,6 +110,16 @@ def to_e5m2(y):
 def to_e2m1(y):
     """float32 -> FP4 E2M1 codes (max 6 = 0x7, no NaN: callers keep NaN out)."""
     return round_to_code(y, 4, 1, 1, 2.0, 0x7, -1)
+
+
+@triton.jit
+def to_e4m3_stochastic(y, rand):
+    return round_to_code_stochastic(y, rand, 8, 3, 7, 512.0, 0x7E, 0x7F)
+
+
+@triton.jit
+def to_e2m1_stochastic(y, rand):
+    return round_to_code_stochastic(y, rand, 4, 1, 1, 2.0, 0x7, -1)
 
 
 @triton.jit

@@ -27,7 +27,7 @@ import triton.language as tl
 
 from companion import runtime
 from companion.formats import get_format
-from companion.kernels.float_codes import load_tile_fp32, to_e4m3
+from companion.kernels.float_codes import load_tile_fp32, to_e4m3, to_e4m3_stochastic
 
 INPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 TILES = ((1, 128), (128, 128))
@@ -45,6 +45,8 @@ def _fp8_blockwise_kernel(
     TILE_ROWS: tl.constexpr,  # 1 (activations) or 128 (weights): rows that share a scale
     BLOCK_M: tl.constexpr,  # rows per program (TILE_ROWS when that is 128)
     POW2: tl.constexpr,  # round each scale up to a power of two
+    seed, offset,  # stochastic rounding: Philox seed, and the stream position of element (0, 0)
+    STOCHASTIC: tl.constexpr,  # round the codes stochastically instead of to nearest-even
 ):
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -75,9 +77,21 @@ def _fp8_blockwise_kernel(
     else:
         y = tl.math.div_rn(x, s)
         tl.store(scales_ptr + pid_m * n_scale_cols + pid_k, s)
-    codes = to_e4m3(y).to(tl.uint8)
     c_offsets = rows[:, None].to(tl.int64) * K + cols[None, :]
+    if STOCHASTIC:
+        # One Philox draw per element, keyed by its position: the same seed gives the same bits.
+        rand = tl.randint(seed, (c_offsets + offset).to(tl.int32)).to(tl.uint32, bitcast=True)
+        codes = to_e4m3_stochastic(y, rand).to(tl.uint8)
+    else:
+        codes = to_e4m3(y).to(tl.uint8)
     tl.store(codes_ptr + c_offsets, codes, mask=(rows[:, None] < M) & (cols[None, :] < K))
+
+
+def check_rounding(rounding: str) -> bool:
+    """True for "stochastic", False for "nearest_even"; anything else is refused."""
+    if rounding not in ("nearest_even", "stochastic"):
+        raise ValueError(f"rounding must be 'nearest_even' or 'stochastic', got {rounding!r}")
+    return rounding == "stochastic"
 
 
 def _check_tile(tile):
@@ -87,14 +101,21 @@ def _check_tile(tile):
     return tile
 
 
-def quantize_fp8_blockwise(x: torch.Tensor, tile=(1, 128), power_of_two_scales: bool = False):
+def quantize_fp8_blockwise(x: torch.Tensor, tile=(1, 128), power_of_two_scales: bool = False,
+                           rounding: str = "nearest_even", seed: int = 0, offset: int = 0):
     """Quantize a 2-D bf16/fp16/fp32 tensor to FP8 E4M3 with one float32 scale per ``tile``.
+
+    ``rounding="stochastic"`` rounds each quotient x / s up or down with probability given by its
+    distance to the two neighbouring E4M3 values (unbiased), drawing Philox random numbers keyed by
+    ``seed`` and each element's position plus ``offset`` (positions wrap modulo 2^32): reproducible for
+    a given seed, different for another. Scales are the same as with nearest-even rounding.
 
     Returns ``(codes, scales)``: codes of x's shape as ``torch.float8_e4m3fn``, and float32 scales of
     shape ``(ceil(M / tile[0]), ceil(K / tile[1]))`` with ``x ~= codes * scales`` (expanded). Any
     strides and any shape work; partial tiles at the edges use only their real elements.
     """
     tile = _check_tile(tile)
+    stochastic = check_rounding(rounding)
     runtime.check_tensor(x, "x", dtypes=INPUT_DTYPES, contiguous=False, ndim=2)
     M, K = x.shape
     rows, cols = tile
@@ -106,7 +127,8 @@ def quantize_fp8_blockwise(x: torch.Tensor, tile=(1, 128), power_of_two_scales: 
     grid = (triton.cdiv(M, block_m), triton.cdiv(K, 128))
     _fp8_blockwise_kernel[grid](
         x, codes, scales, M, K, x.stride(0), x.stride(1), scales.shape[1],
-        TILE_ROWS=rows, BLOCK_M=block_m, POW2=bool(power_of_two_scales), num_warps=16 if rows == 128 else 4,
+        TILE_ROWS=rows, BLOCK_M=block_m, POW2=bool(power_of_two_scales),
+        seed=int(seed), offset=int(offset), STOCHASTIC=stochastic, num_warps=16 if rows == 128 else 4,
     )
     return codes.view(torch.float8_e4m3fn), scales
 

@@ -26,7 +26,8 @@ import triton.language as tl
 
 from companion import runtime
 from companion.formats import get_format
-from companion.kernels.float_codes import load_tile_fp32, from_e4m3, to_e2m1, to_e4m3
+from companion.kernels.float_codes import load_tile_fp32, from_e4m3, to_e2m1, to_e2m1_stochastic, to_e4m3
+from companion.kernels.fp8_blockwise import check_rounding
 from companion.mx import pack_fp4
 
 INPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -58,6 +59,8 @@ def _nvfp4_kernel(
     M, K, Kp, stride_xm, stride_xk,
     BLOCK_M: tl.constexpr,  # rows per program
     BLOCK_K: tl.constexpr,  # columns per program, a multiple of 16
+    seed, offset,  # stochastic rounding: Philox seed, and the stream position of element (0, 0)
+    STOCHASTIC: tl.constexpr,  # round the element codes stochastically instead of to nearest-even
 ):
     amax_t = tl.load(amax_ptr).to(tl.float32, bitcast=True)
     s_t = tl.math.div_rn(amax_t, 2688.0)
@@ -78,7 +81,12 @@ def _nvfp4_kernel(
     scale = s_block * s_t
     live = scale > 0
     v = tl.math.div_rn(x3, tl.where(live, scale, 1.0)[:, :, None])
-    q = tl.where(live[:, :, None], to_e2m1(v), 0)
+    if STOCHASTIC:
+        position = rows[:, None, None].to(tl.int64) * K + tl.reshape(cols, (NB, 16))[None, :, :]
+        rand = tl.randint(seed, (position + offset).to(tl.int32)).to(tl.uint32, bitcast=True)
+        q = tl.where(live[:, :, None], to_e2m1_stochastic(v, rand), 0)
+    else:
+        q = tl.where(live[:, :, None], to_e2m1(v), 0)
 
     blocks = tl.program_id(1) * NB + tl.arange(0, NB)
     s_mask = (rows[:, None] < M) & (blocks[None, :] < Kp // 16)
@@ -91,15 +99,19 @@ def _nvfp4_kernel(
              (low | (high << 4)).to(tl.uint8), mask=p_mask)
 
 
-def quantize_nvfp4_kernel(x: torch.Tensor, global_amax=None):
+def quantize_nvfp4_kernel(x: torch.Tensor, global_amax=None, rounding: str = "nearest_even",
+                          seed: int = 0, offset: int = 0):
     """NVFP4-quantize a 2-D tensor along its rows: amax pass and quantize pass, both on the device.
 
     Returns ``(codes, block_scales, tensor_scale)``: packed codes ``(M, Kp / 2)`` as
     ``float4_e2m1fn_x2`` (Kp = K padded to 16), E4M3 block scales ``(M, Kp / 16)`` as
     ``float8_e4m3fn`` and the float32 tensor scale as a 0-d tensor, as
     :meth:`companion.mx.NVFP4Tensor.to_torch` returns them. ``global_amax`` (rounded to float32)
-    replaces the amax pass (static scaling).
+    replaces the amax pass (static scaling). ``rounding="stochastic"`` rounds the E2M1 element codes
+    stochastically (unbiased; Philox draws keyed by ``seed`` and each element's position plus
+    ``offset``), as the FP4 training recipes do for gradients; block scales stay nearest-even.
     """
+    stochastic = check_rounding(rounding)
     runtime.check_tensor(x, "x", dtypes=INPUT_DTYPES, contiguous=False, ndim=2)
     M, K = x.shape
     Kp = -(-K // 16) * 16
@@ -121,7 +133,8 @@ def quantize_nvfp4_kernel(x: torch.Tensor, global_amax=None):
             _amax_kernel[(triton.cdiv(M, 128), triton.cdiv(K, 256))](
                 x, amax_bits, M, K, x.stride(0), x.stride(1), BLOCK_M=128, BLOCK_K=256, num_warps=4)
         _nvfp4_kernel[grid](x, codes, block_scales, tensor_scale, amax_bits, M, K, Kp,
-                            x.stride(0), x.stride(1), BLOCK_M=block_m, BLOCK_K=block_k, num_warps=4)
+                            x.stride(0), x.stride(1), BLOCK_M=block_m, BLOCK_K=block_k,
+                            seed=int(seed), offset=int(offset), STOCHASTIC=stochastic, num_warps=4)
     fp4 = getattr(torch, "float4_e2m1fn_x2", torch.uint8)
     return codes.view(fp4), block_scales.view(torch.float8_e4m3fn), tensor_scale
 
