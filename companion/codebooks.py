@@ -218,7 +218,7 @@ def quantize_nf4(x, block_size: int = 64, *, double_quant: bool = True, dq_block
 
 
 def fit_lloyd_max(samples, size: int = 16, *, weights=None, iterations: int = 50, pin=(),
-                  name="lloyd-max") -> Codebook:
+                  init=None, name="lloyd-max") -> Codebook:
     """A codebook of ``size`` values fitted to ``samples`` by Lloyd's algorithm in one dimension.
 
     Lloyd-Max quantization (1-D k-means): start from the samples' quantiles at (i + 1/2) / size,
@@ -230,6 +230,10 @@ def fit_lloyd_max(samples, size: int = 16, *, weights=None, iterations: int = 50
     absmax-normalised blocks, weighting each sample by its block's scale squared minimises the
     squared error of the tensor itself.  Deterministic.  A fitted codebook is stored with the
     tensor, so its ``table_bits`` is size * 32 (fp32 values).
+
+    ``init`` replaces the quantile start with given starting values for the free (unpinned) values:
+    size - len(pin) finite, distinct numbers (any order), for example the evenly spaced or random
+    starts of K-means weight sharing (:mod:`companion.kmeans`).
     """
     x = np.asarray(samples, dtype=np.float64).ravel()
     if x.size == 0 or not np.isfinite(x).all():
@@ -249,12 +253,19 @@ def fit_lloyd_max(samples, size: int = 16, *, weights=None, iterations: int = 50
         raise ValueError(f"the samples have only {candidates.size} distinct values besides the pinned ones; "
                          f"{free} are needed")
     cum_w = np.cumsum(w)
-    # Start at the weighted quantiles, moved to distinct sample values (not pinned ones).
-    start = np.searchsorted(cum_w, (np.arange(free) + 0.5) / free * cum_w[-1])
-    picks = np.searchsorted(candidates, x[np.minimum(start, x.size - 1)])
-    steps = np.arange(free)  # make the picks strictly increasing, within range
-    picks = np.minimum(np.maximum.accumulate(picks - steps), candidates.size - free) + steps
-    centres = candidates[picks]
+    if init is None:
+        # Start at the weighted quantiles, moved to distinct sample values (not pinned ones).
+        start = np.searchsorted(cum_w, (np.arange(free) + 0.5) / free * cum_w[-1])
+        picks = np.searchsorted(candidates, x[np.minimum(start, x.size - 1)])
+        steps = np.arange(free)  # make the picks strictly increasing, within range
+        picks = np.minimum(np.maximum.accumulate(picks - steps), candidates.size - free) + steps
+        centres = candidates[picks]
+    else:
+        centres = np.sort(np.asarray(init, dtype=np.float64).ravel())
+        if centres.size != free or not np.isfinite(centres).all() or (np.diff(centres) <= 0).any() \
+                or np.isin(centres, pin).any():
+            raise ValueError(f"init must hold {free} finite, distinct values (none of them pinned), "
+                             f"got {np.asarray(init).ravel()[:8]}")
     prefix_w = np.concatenate([[0.0], cum_w])
     prefix_wx = np.concatenate([[0.0], np.cumsum(w * x)])
     for _ in range(iterations):

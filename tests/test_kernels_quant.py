@@ -331,3 +331,17 @@ def test_nvfp4_stochastic_rounding_is_adjacent_unbiased_and_reproducible():
     again = quantize_nvfp4_kernel(xd, rounding="stochastic", seed=1)[0]
     other = quantize_nvfp4_kernel(xd, rounding="stochastic", seed=2)[0]
     assert torch.equal(bits(again), bits(codes)) and not torch.equal(bits(other), bits(codes))
+
+
+def test_stochastic_rounding_draws_independently_per_element():
+    # Every element is 1 + 2^-4, halfway between E4M3 1.0 and 1.125: each code is a fair coin. If
+    # neighbouring columns (which share one Philox call) or rows shared their random bits, their codes
+    # would agree far more often than half the time.
+    x = torch.full((64, 128), 1.0 + 2**-4)
+    x[:, 0] = 448.0  # block amax 448, so the scale is exactly 1
+    codes = bits(quantize_fp8_blockwise(x.to(DEVICE), rounding="stochastic", seed=4)[0]).numpy()[:, 4:].astype(int)
+    assert set(np.unique(codes)) == {0x38, 0x39}
+    for a, b in [(codes[:, 0::2], codes[:, 1::2]), (codes[:, 0::4], codes[:, 3::4]), (codes[0::2], codes[1::2])]:
+        agree = (a == b).mean()
+        assert abs(agree - 0.5) < 5 * np.sqrt(0.25 / a.size)
+    assert abs((codes == 0x39).mean() - 0.5) < 5 * np.sqrt(0.25 / codes.size)

@@ -117,4 +117,11 @@ def measure_quant_kernels() -> dict:
     return measure()
 
 
-BENCHMARKS = {"ceilings": measure_ceilings, "quant_kernels": measure_quant_kernels}
+def measure_kmeans() -> dict:
+    """K-means assignment (10M weights, k = 16): the Triton kernel against PyTorch and torch.compile."""
+    from companion.kernels.kmeans_assign import measure_kmeans_assign
+
+    return measure_kmeans_assign()
+
+
+BENCHMARKS = {"ceilings": measure_ceilings, "quant_kernels": measure_quant_kernels, "kmeans": measure_kmeans}

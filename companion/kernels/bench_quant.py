@@ -91,6 +91,9 @@ def _kernels():
         "mxfp8_rows_and_columns": lambda x: k.quantize_mx_rows_and_columns(x, "fp8_e4m3"),
         "mxfp4_rows": lambda x: k.quantize_mx_rows(x, "fp4_e2m1"),
         "nvfp4": lambda x: k.quantize_nvfp4_kernel(x),
+        # Stochastic rounding: same bytes, plus one Philox call per 4 elements.
+        "fp8_1x128_stochastic": lambda x: k.quantize_fp8_blockwise(x, (1, 128), rounding="stochastic", seed=1),
+        "nvfp4_stochastic": lambda x: k.quantize_nvfp4_kernel(x, rounding="stochastic", seed=1),
     }
 
 
@@ -104,7 +107,7 @@ def bytes_moved(name: str, M: int, K: int) -> int:
         "mxfp8_rows_and_columns": 2 * n + 2 * n + 2 * n // 32,
         "mxfp4_rows": 2 * n + n // 2 + n // 32,
         "nvfp4": 2 * n + n // 2 + n // 16 + 4,
-    }[name]
+    }[name.removesuffix("_stochastic")]
 
 
 def measure_quant_kernels() -> dict:
@@ -124,7 +127,7 @@ def measure_quant_kernels() -> dict:
             nbytes = bytes_moved(name, M, K)
             entry = {"bytes": nbytes, "kernel_bytes_per_s": nbytes / (bench._median_ms(lambda: fn(x)) * 1e-3)}
             entry["kernel_vs_copy"] = entry["kernel_bytes_per_s"] / copy
-            if (M, K) == COMPILE_SIZE:
+            if (M, K) == COMPILE_SIZE and name in baselines:  # no compiled baseline for stochastic rounding
                 try:
                     compiled = torch.compile(baselines[name], dynamic=False)
                     compiled(x)

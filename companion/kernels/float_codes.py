@@ -187,3 +187,15 @@ def load_tile_fp32(x_ptr, rows, cols, M, K, stride_xm, stride_xk):
     mask = (rows[:, None] < M) & (cols[None, :] < K)
     offsets = rows[:, None].to(tl.int64) * stride_xm + cols[None, :].to(tl.int64) * stride_xk
     return to_fp32(tl.load(x_ptr + offsets, mask=mask, other=0.0))
+
+
+@triton.jit
+def tile_random_bits(seed, offset, rows, col_start, K, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """uint32 random bits for a (BLOCK_M, BLOCK_K) tile starting at column ``col_start`` (a multiple
+    of 4): one Philox call per 4 consecutive columns of a row (counter = row * ceil(K / 4) + column / 4,
+    plus ``offset``, modulo 2^32), its four outputs spread over those columns."""
+    groups = col_start // 4 + tl.arange(0, BLOCK_K // 4)
+    counter = rows[:, None].to(tl.int64) * ((K + 3) // 4) + groups[None, :]
+    r0, r1, r2, r3 = tl.randint4x(seed, (counter + offset).to(tl.int32))
+    r = tl.join(tl.join(r0, r1), tl.join(r2, r3))  # (BLOCK_M, BLOCK_K / 4, 2, 2)
+    return tl.reshape(r, (BLOCK_M, BLOCK_K)).to(tl.uint32, bitcast=True)

@@ -27,7 +27,7 @@ import triton.language as tl
 
 from companion import runtime
 from companion.formats import get_format
-from companion.kernels.float_codes import load_tile_fp32, to_e4m3, to_e4m3_stochastic
+from companion.kernels.float_codes import load_tile_fp32, tile_random_bits, to_e4m3, to_e4m3_stochastic
 
 INPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 TILES = ((1, 128), (128, 128))
@@ -45,7 +45,7 @@ def _fp8_blockwise_kernel(
     TILE_ROWS: tl.constexpr,  # 1 (activations) or 128 (weights): rows that share a scale
     BLOCK_M: tl.constexpr,  # rows per program (TILE_ROWS when that is 128)
     POW2: tl.constexpr,  # round each scale up to a power of two
-    seed, offset,  # stochastic rounding: Philox seed, and the stream position of element (0, 0)
+    seed, offset,  # stochastic rounding: Philox seed, and an offset added to every Philox counter
     STOCHASTIC: tl.constexpr,  # round the codes stochastically instead of to nearest-even
 ):
     pid_m = tl.program_id(0)
@@ -79,8 +79,8 @@ def _fp8_blockwise_kernel(
         tl.store(scales_ptr + pid_m * n_scale_cols + pid_k, s)
     c_offsets = rows[:, None].to(tl.int64) * K + cols[None, :]
     if STOCHASTIC:
-        # One Philox draw per element, keyed by its position: the same seed gives the same bits.
-        rand = tl.randint(seed, (c_offsets + offset).to(tl.int32)).to(tl.uint32, bitcast=True)
+        # Random bits keyed by each element's position: the same seed gives the same bits.
+        rand = tile_random_bits(seed, offset, rows, pid_k * 128, K, BLOCK_M, 128)
         codes = to_e4m3_stochastic(y, rand).to(tl.uint8)
     else:
         codes = to_e4m3(y).to(tl.uint8)
@@ -107,8 +107,8 @@ def quantize_fp8_blockwise(x: torch.Tensor, tile=(1, 128), power_of_two_scales: 
 
     ``rounding="stochastic"`` rounds each quotient x / s up or down with probability given by its
     distance to the two neighbouring E4M3 values (unbiased), drawing Philox random numbers keyed by
-    ``seed`` and each element's position plus ``offset`` (positions wrap modulo 2^32): reproducible for
-    a given seed, different for another. Scales are the same as with nearest-even rounding.
+    ``seed`` and each element's position (``offset`` shifts the Philox counters; see
+    :func:`companion.kernels.float_codes.tile_random_bits`): reproducible for a given seed, different for another. Scales are the same as with nearest-even rounding.
 
     Returns ``(codes, scales)``: codes of x's shape as ``torch.float8_e4m3fn``, and float32 scales of
     shape ``(ceil(M / tile[0]), ceil(K / tile[1]))`` with ``x ~= codes * scales`` (expanded). Any

@@ -26,7 +26,7 @@ import triton.language as tl
 
 from companion import runtime
 from companion.formats import get_format
-from companion.kernels.float_codes import load_tile_fp32, from_e4m3, to_e2m1, to_e2m1_stochastic, to_e4m3
+from companion.kernels.float_codes import load_tile_fp32, tile_random_bits, from_e4m3, to_e2m1, to_e2m1_stochastic, to_e4m3
 from companion.kernels.fp8_blockwise import check_rounding
 from companion.mx import pack_fp4
 
@@ -59,7 +59,7 @@ def _nvfp4_kernel(
     M, K, Kp, stride_xm, stride_xk,
     BLOCK_M: tl.constexpr,  # rows per program
     BLOCK_K: tl.constexpr,  # columns per program, a multiple of 16
-    seed, offset,  # stochastic rounding: Philox seed, and the stream position of element (0, 0)
+    seed, offset,  # stochastic rounding: Philox seed, and an offset added to every Philox counter
     STOCHASTIC: tl.constexpr,  # round the element codes stochastically instead of to nearest-even
 ):
     amax_t = tl.load(amax_ptr).to(tl.float32, bitcast=True)
@@ -82,8 +82,8 @@ def _nvfp4_kernel(
     live = scale > 0
     v = tl.math.div_rn(x3, tl.where(live, scale, 1.0)[:, :, None])
     if STOCHASTIC:
-        position = rows[:, None, None].to(tl.int64) * K + tl.reshape(cols, (NB, 16))[None, :, :]
-        rand = tl.randint(seed, (position + offset).to(tl.int32)).to(tl.uint32, bitcast=True)
+        rand = tl.reshape(tile_random_bits(seed, offset, rows, tl.program_id(1) * BLOCK_K, K, BLOCK_M, BLOCK_K),
+                          (BLOCK_M, NB, 16))
         q = tl.where(live[:, :, None], to_e2m1_stochastic(v, rand), 0)
     else:
         q = tl.where(live[:, :, None], to_e2m1(v), 0)
@@ -108,8 +108,8 @@ def quantize_nvfp4_kernel(x: torch.Tensor, global_amax=None, rounding: str = "ne
     ``float8_e4m3fn`` and the float32 tensor scale as a 0-d tensor, as
     :meth:`companion.mx.NVFP4Tensor.to_torch` returns them. ``global_amax`` (rounded to float32)
     replaces the amax pass (static scaling). ``rounding="stochastic"`` rounds the E2M1 element codes
-    stochastically (unbiased; Philox draws keyed by ``seed`` and each element's position plus
-    ``offset``), as the FP4 training recipes do for gradients; block scales stay nearest-even.
+    stochastically (unbiased; Philox draws keyed by ``seed`` and each element's position, ``offset``
+    shifting the counters), as the FP4 training recipes do for gradients; block scales stay nearest-even.
     """
     stochastic = check_rounding(rounding)
     runtime.check_tensor(x, "x", dtypes=INPUT_DTYPES, contiguous=False, ndim=2)
