@@ -37,26 +37,29 @@ def test_matches_reference_on_ragged_shapes(shape, k):
 def test_ties_go_to_the_lower_centroid_and_midpoints_are_exact():
     # Centroids 0 and 1: the midpoint 0.5 is a float32, and x = 0.5 is a tie -> index 0.
     # Centroids 1 and 1 + 2^-22: the exact midpoint 1 + 2^-23 is a float32 too; x on it -> 0, one ulp above -> 1.
-    # Centroids 0 and 1 + 2^-23: the midpoint 0.5 + 2^-24 is not a float32; 0.5 -> 0, 0.5 + 2^-23 -> 1.
+    # Centroids 1 + 2^-23 and 1 + 2^-22: the midpoint 1 + 3 * 2^-24 is not a float32 and rounds *up* to
+    # nearest; x = 1 + 2^-22 (above the midpoint) must still go to 1, x = 1 + 2^-23 to 0.
     cases = [
         ([0.0, 1.0], [0.5, np.nextafter(np.float32(0.5), np.float32(1)), np.nextafter(np.float32(0.5), np.float32(0))],
          [0, 1, 0]),
         ([1.0, 1 + 2**-22], [1 + 2**-23, 1 + 2**-22, 1.0], [0, 1, 0]),
-        ([0.0, 1 + 2**-23], [0.5, 0.5 + 2**-23], [0, 1]),
+        ([1 + 2**-23, 1 + 2**-22], [1 + 2**-22, 1 + 2**-23], [1, 0]),
         ([-1.0, 0.0, 2.0], [-np.inf, -0.5, -0.0, 1.0, np.inf], [0, 0, 1, 1, 2]),
     ]
     for centroids, xs, want in cases:
         c, x = torch.tensor(centroids, dtype=torch.float32), torch.tensor(xs, dtype=torch.float32)
-        idx, _, _ = check(x, c) if np.isfinite(xs).all() else (kmeans_assign(x.to(DEVICE), c.to(DEVICE))[0].cpu(), 0, 0)
+        idx = kmeans_assign(x.to(DEVICE), c.to(DEVICE))[0].cpu()
         assert idx.tolist() == want, (centroids, xs)
         assert kmeans_assign_reference(x, c)[0].tolist() == want
 
 
 def test_thresholds_round_down():
-    c = np.array([0.0, 1 + 2**-23, 3.0], dtype=np.float32)
+    # Midpoints 1 + 2^-24 and 1 + 3 * 2^-24 are not float32 (the spacing is 2^-23). Round to nearest
+    # even would send the first down to 1 but the second up to 1 + 2^-22; thresholds round both down.
+    c = np.array([1.0, 1 + 2**-23, 1 + 2**-22], dtype=np.float32)
     t = kmeans_thresholds(c)
     assert t.dtype == np.float32
-    assert t[0] == np.float32(0.5) and t[1] == np.float32(2.0 + 2**-24) - 0 or t[1] <= (c[1].astype(np.float64) + 3) / 2
+    assert t.tolist() == [1.0, 1 + 2**-23]
     assert (t.astype(np.float64) <= (c[:-1].astype(np.float64) + c[1:]) / 2).all()
 
 

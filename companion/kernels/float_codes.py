@@ -36,54 +36,38 @@ HARDWARE_E4M3 = tl.constexpr(not runtime.INTERPRET)
 @triton.jit
 def round_to_code(
     y,  # float32 values to round
+    rand,  # uint32 random bits, one per value (used only when STOCHASTIC)
     BITS: tl.constexpr,  # width of the code (8 or 4); its top bit is the sign
     MAN_BITS: tl.constexpr,  # mantissa bits M of the target
     BIAS: tl.constexpr,  # exponent bias B of the target
     SUB_SCALE: tl.constexpr,  # 1 / min_subnormal = 2^(B - 1 + M), a float
     MAX_CODE: tl.constexpr,  # code of the largest finite magnitude (saturation)
     NAN_CODE: tl.constexpr,  # code for NaN, or -1 when the format has none
+    STOCHASTIC: tl.constexpr,  # False: nearest-even; True: stochastic rounding driven by `rand`
 ):
-    """float32 -> int32 codes of a 1.E.M format: nearest-even, saturating, NaN to NAN_CODE."""
-    bits = y.to(tl.int32, bitcast=True)
-    sign = (bits >> 31) & 1
-    mag = bits & 0x7FFFFFFF
-    SHIFT: tl.constexpr = 23 - MAN_BITS
-    rebased = mag - ((127 - BIAS) << 23)
-    normal = (rebased + ((1 << (SHIFT - 1)) - 1) + ((rebased >> SHIFT) & 1)) >> SHIFT
-    q = tl.abs(y) * SUB_SCALE  # exact: a power of two, and only used below the normal range
-    subnormal = (q + 8388608.0).to(tl.int32, bitcast=True) - 0x4B000000
-    code = tl.where(mag >= ((128 - BIAS) << 23), normal, subnormal)
-    code = tl.minimum(code, MAX_CODE) | (sign << (BITS - 1))
-    if NAN_CODE >= 0:
-        code = tl.where(mag > 0x7F800000, NAN_CODE, code)
-    return code
+    """float32 -> int32 codes of a 1.E.M format, saturating, NaN to NAN_CODE.
 
-
-@triton.jit
-def round_to_code_stochastic(
-    y,  # float32 values to round
-    rand,  # uint32 random bits, one per value (tl.randint)
-    BITS: tl.constexpr, MAN_BITS: tl.constexpr, BIAS: tl.constexpr, SUB_SCALE: tl.constexpr,
-    MAX_CODE: tl.constexpr, NAN_CODE: tl.constexpr,  # as in round_to_code
-):
-    """float32 -> int32 codes, rounding |y| up with probability equal to its distance above the lower
-    neighbour divided by the gap (so the expected value is y), saturating, NaN to NAN_CODE.
-
-    Normal targets: the 23 - M bits that nearest-even rounding would drop are compared with as many
-    random bits; adding the random bits and truncating carries with exactly that probability.
-    Subnormal targets: the fraction of |y| / min_subnormal (exact in float32) is compared with a
-    24-bit uniform number, which is unbiased to within 2^-24 of a step.
+    Nearest-even as described in the module docstring. Stochastic: |y| rounds up with probability
+    equal to its distance above the lower neighbour divided by the gap, so the expected value is y.
+    For normal targets the 23 - M bits that nearest-even rounding would drop are compared with as many
+    random bits (adding them and truncating carries with exactly that probability); for subnormal
+    targets the fraction of |y| / min_subnormal (exact in float32) is compared with a 24-bit uniform
+    number, unbiased to within 2^-24 of a step.
     """
     bits = y.to(tl.int32, bitcast=True)
     sign = (bits >> 31) & 1
     mag = bits & 0x7FFFFFFF
     SHIFT: tl.constexpr = 23 - MAN_BITS
     rebased = mag - ((127 - BIAS) << 23)
-    normal = (rebased + (rand >> (32 - SHIFT)).to(tl.int32)) >> SHIFT
-    q = tl.abs(y) * SUB_SCALE
-    lower = tl.floor(q)
-    uniform = (rand >> 8).to(tl.float32) * 5.9604644775390625e-08  # 2^-24
-    subnormal = lower.to(tl.int32) + (uniform < q - lower).to(tl.int32)
+    q = tl.abs(y) * SUB_SCALE  # exact: a power of two, and only used below the normal range
+    if STOCHASTIC:
+        normal = (rebased + (rand >> (32 - SHIFT)).to(tl.int32)) >> SHIFT
+        lower = tl.floor(q)
+        uniform = (rand >> 8).to(tl.float32) * 5.9604644775390625e-08  # 2^-24
+        subnormal = lower.to(tl.int32) + (uniform < q - lower).to(tl.int32)
+    else:
+        normal = (rebased + ((1 << (SHIFT - 1)) - 1) + ((rebased >> SHIFT) & 1)) >> SHIFT
+        subnormal = (q + 8388608.0).to(tl.int32, bitcast=True) - 0x4B000000
     code = tl.where(mag >= ((128 - BIAS) << 23), normal, subnormal)
     code = tl.minimum(code, MAX_CODE) | (sign << (BITS - 1))
     if NAN_CODE >= 0:
@@ -97,29 +81,29 @@ def to_e4m3(y):
     if HARDWARE_E4M3:
         return y.to(tl.float8e4nv).to(tl.uint8, bitcast=True).to(tl.int32)
     else:
-        return round_to_code(y, 8, 3, 7, 512.0, 0x7E, 0x7F)
+        return round_to_code(y, 0, 8, 3, 7, 512.0, 0x7E, 0x7F, False)
 
 
 @triton.jit
 def to_e5m2(y):
     """float32 -> OCP FP8 E5M2 codes (max 57344 = 0x7B, NaN 0x7E; Inf saturates)."""
-    return round_to_code(y, 8, 2, 15, 65536.0, 0x7B, 0x7E)
+    return round_to_code(y, 0, 8, 2, 15, 65536.0, 0x7B, 0x7E, False)
 
 
 @triton.jit
 def to_e2m1(y):
     """float32 -> FP4 E2M1 codes (max 6 = 0x7, no NaN: callers keep NaN out)."""
-    return round_to_code(y, 4, 1, 1, 2.0, 0x7, -1)
+    return round_to_code(y, 0, 4, 1, 1, 2.0, 0x7, -1, False)
 
 
 @triton.jit
 def to_e4m3_stochastic(y, rand):
-    return round_to_code_stochastic(y, rand, 8, 3, 7, 512.0, 0x7E, 0x7F)
+    return round_to_code(y, rand, 8, 3, 7, 512.0, 0x7E, 0x7F, True)
 
 
 @triton.jit
 def to_e2m1_stochastic(y, rand):
-    return round_to_code_stochastic(y, rand, 4, 1, 1, 2.0, 0x7, -1)
+    return round_to_code(y, rand, 4, 1, 1, 2.0, 0x7, -1, True)
 
 
 @triton.jit
