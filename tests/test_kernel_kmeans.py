@@ -115,3 +115,17 @@ def test_compiled_kernel_on_ten_million_weights():
     assert ((sums.cpu() - ref_sums).abs() <= sum_tolerance(x, ref_idx, 16)).all()
     again = kmeans_assign(x, c)
     assert torch.equal(again[1], sums)  # deterministic: no atomics
+
+
+def test_device_thresholds_equal_host_thresholds():
+    from companion.kernels.kmeans_assign import _thresholds_on_device
+
+    rng = np.random.default_rng(5)
+    for k in (2, 3, 16, 200):
+        c = np.sort(rng.normal(size=k)).astype(np.float32)
+        c = np.concatenate([c, [np.float32(1 + 2**-23), np.float32(1 + 2**-22)]])
+        c = np.unique(c)
+        t = _thresholds_on_device(torch.from_numpy(c).to(DEVICE), 256).cpu().numpy()
+        assert np.array_equal(t[: c.size - 1], kmeans_thresholds(c)) and np.isinf(t[c.size - 1:]).all()
+    x = torch.ones(4, device=DEVICE)
+    assert kmeans_assign(x, torch.tensor([0.0, 2.0], device=DEVICE), check_values=False)[0].tolist() == [0] * 4
