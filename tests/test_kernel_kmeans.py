@@ -117,15 +117,19 @@ def test_compiled_kernel_on_ten_million_weights():
     assert torch.equal(again[1], sums)  # deterministic: no atomics
 
 
-def test_device_thresholds_equal_host_thresholds():
-    from companion.kernels.kmeans_assign import _thresholds_on_device
-
+def test_thresholds_computed_in_the_kernel_are_exact():
+    # The kernel derives its thresholds from the centroids; every float32 within 3 ulps of each
+    # threshold (either side) must land where the float64 reference puts it, for several k, with
+    # centroid pairs whose midpoints are and are not float32 numbers, negative, and around zero.
     rng = np.random.default_rng(5)
     for k in (2, 3, 16, 200):
         c = np.sort(rng.normal(size=k)).astype(np.float32)
-        c = np.concatenate([c, [np.float32(1 + 2**-23), np.float32(1 + 2**-22)]])
-        c = np.unique(c)
-        t = _thresholds_on_device(torch.from_numpy(c).to(DEVICE), 256).cpu().numpy()
-        assert np.array_equal(t[: c.size - 1], kmeans_thresholds(c)) and np.isinf(t[c.size - 1:]).all()
+        c = np.unique(np.concatenate([c, np.float32([1 + 2**-23, 1 + 2**-22, -(2.0**-149), 2.0**-149])]))
+        t = kmeans_thresholds(c)
+        near = (t.view(np.int32)[:, None] + np.arange(-3, 4, dtype=np.int32)[None, :]).ravel().view(np.float32)
+        near = near[np.isfinite(near)]  # stepping bit patterns past -0 can reach NaN codes
+        x = torch.from_numpy(np.concatenate([near, np.float32([0.0, -0.0])]))
+        got = kmeans_assign(x.to(DEVICE), torch.from_numpy(c).to(DEVICE))[0].cpu()
+        assert torch.equal(got, kmeans_assign_reference(x, torch.from_numpy(c))[0])
     x = torch.ones(4, device=DEVICE)
     assert kmeans_assign(x, torch.tensor([0.0, 2.0], device=DEVICE), check_values=False)[0].tolist() == [0] * 4

@@ -11,8 +11,9 @@ with sorted centroids, the nearest one is found from the midpoints m_j = (c_j + 
 
 with m_j exact (float64 holds the midpoint of two float32 numbers exactly).  The kernel compares in
 float32 and is still bit-exact: for a float32 x and any real m, ``x > m`` holds exactly when
-``x > t``, t being m rounded down to float32 (:func:`kmeans_thresholds`).  So the kernel loads k - 1
-float32 thresholds and counts, per weight, those below it — no distances, no rounding, no ties to
+``x > t``, t being m rounded down to float32 (:func:`kmeans_thresholds`).  So the kernel computes the
+k - 1 float32 thresholds from the centroids and counts, per weight, those below it — no distances, no
+rounding, no ties to
 break differently.  -Inf goes to index 0 and +Inf to k - 1, as in the reference; the kernel does not
 look for NaN (a NaN compares false and lands in cluster 0), the reference refuses it.
 
@@ -33,17 +34,18 @@ from companion import runtime
 from companion.codebooks import Codebook
 
 MAX_K = 256  # uint8 indices; the one-hot reduction holds BLOCK x K values per program
-TILE = 8192  # BLOCK * K_PAD: elements of the one-hot tile per program
+TILE = 16384  # BLOCK * K_PAD: elements of the one-hot tile per program (from a sweep on an H200)
 
 
 @triton.jit
 def _kmeans_assign_kernel(
     x_ptr,  # *float32, n weights
-    t_ptr,  # *float32, K thresholds: the k - 1 midpoints rounded down, then +inf padding
+    c_ptr,  # *float32, k centroids, sorted strictly ascending
     idx_ptr,  # *uint8, n indices out
     sums_ptr,  # *float32, (programs, K) per-block cluster sums out
     counts_ptr,  # *int32, (programs, K) per-block cluster counts out
     n,  # number of weights
+    k,  # number of centroids
     K: tl.constexpr,  # k padded to a power of two
     BLOCK: tl.constexpr,  # weights per program
 ):
@@ -52,13 +54,27 @@ def _kmeans_assign_kernel(
     mask = offsets < n
     x = tl.load(x_ptr + offsets, mask=mask, other=0.0)
     clusters = tl.arange(0, K)
-    t = tl.load(t_ptr + clusters)
+    # The thresholds of kmeans_thresholds, computed here from the centroids (K values per program
+    # cost nothing, and the launcher needs no extra kernels): the exact float64 midpoint, rounded to
+    # float32, stepped one float32 down where that rounding went up; +inf beyond the k - 1 midpoints.
+    valid = clusters < k - 1
+    lo = tl.load(c_ptr + clusters, mask=valid, other=0.0).to(tl.float64)
+    hi = tl.load(c_ptr + clusters + 1, mask=valid, other=0.0).to(tl.float64)
+    mid = (lo + hi) * 0.5
+    t = mid.to(tl.float32)
+    t_bits = t.to(tl.int32, bitcast=True)
+    below = tl.where(t > 0, t_bits - 1, tl.where(t < 0, t_bits + 1, -2147483647))  # -2147483647: -2^-149
+    t = tl.where(t.to(tl.float64) > mid, below.to(tl.float32, bitcast=True), t)
+    t = tl.where(valid, t, float("inf"))
     # index = how many thresholds lie below x: exact comparisons, padding (+inf) never counts.
-    idx = tl.sum((x[:, None] > t[None, :]).to(tl.int32), axis=1)  # (BLOCK,)
+    # Clusters run along the first axis and weights along the second, so each thread holds all K
+    # comparisons of its weights: counting them is a reduction inside the thread, and only the K
+    # per-cluster totals need the costlier reduction across threads.
+    idx = tl.sum((x[None, :] > t[:, None]).to(tl.int32), axis=0)  # (BLOCK,)
     tl.store(idx_ptr + offsets, idx.to(tl.uint8), mask=mask)
-    member = (idx[:, None] == clusters[None, :]) & mask[:, None]  # (BLOCK, K) one-hot
-    sums = tl.sum(tl.where(member, x[:, None], 0.0), axis=0)  # (K,)
-    counts = tl.sum(member.to(tl.int32), axis=0)
+    member = (clusters[:, None] == idx[None, :]) & mask[None, :]  # (K, BLOCK) one-hot
+    sums = tl.sum(tl.where(member, x[None, :], 0.0), axis=1)  # (K,)
+    counts = tl.sum(member.to(tl.int32), axis=1)
     tl.store(sums_ptr + pid * K + clusters, sums)
     tl.store(counts_ptr + pid * K + clusters, counts)
 
@@ -88,15 +104,6 @@ def _check_centroids(centroids: torch.Tensor, check_values: bool) -> int:
     return k
 
 
-def _thresholds_on_device(centroids: torch.Tensor, K: int) -> torch.Tensor:
-    """kmeans_thresholds computed where the centroids live (no copy to the host), padded with +inf to K."""
-    c = centroids.double()
-    mid = (c[:-1] + c[1:]) / 2
-    t = mid.float()
-    t = torch.where(t.double() > mid, torch.nextafter(t, torch.full_like(t, -float("inf"))), t)
-    return torch.cat([t, torch.full((K - t.numel(),), float("inf"), device=t.device)])
-
-
 def kmeans_assign(x: torch.Tensor, centroids: torch.Tensor, *, check_values: bool = True):
     """Nearest-centroid indices (uint8, x's shape) and per-cluster sums (float64) and counts (int64).
 
@@ -111,14 +118,13 @@ def kmeans_assign(x: torch.Tensor, centroids: torch.Tensor, *, check_values: boo
         raise ValueError(f"x is on {x.device} but centroids on {centroids.device}")
     K = max(2, triton.next_power_of_2(k))
     block = TILE // K
-    t = _thresholds_on_device(centroids, K)
     n = x.numel()
     idx = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
     programs = triton.cdiv(n, block)
     sums = torch.empty((programs, K), dtype=torch.float32, device=x.device)
     counts = torch.empty((programs, K), dtype=torch.int32, device=x.device)
     if n:
-        _kmeans_assign_kernel[(programs,)](x, t, idx, sums, counts, n, K=K, BLOCK=block)
+        _kmeans_assign_kernel[(programs,)](x, centroids, idx, sums, counts, n, k, K=K, BLOCK=block)
     return idx, sums.sum(0, dtype=torch.float64)[:k], counts.sum(0, dtype=torch.int64)[:k]
 
 
