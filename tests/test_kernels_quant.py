@@ -345,3 +345,17 @@ def test_stochastic_rounding_draws_independently_per_element():
         agree = (a == b).mean()
         assert abs(agree - 0.5) < 5 * np.sqrt(0.25 / a.size)
     assert abs((codes == 0x39).mean() - 0.5) < 5 * np.sqrt(0.25 / codes.size)
+
+
+def test_nvfp4_amax_given_as_a_device_tensor_or_a_number():
+    x = sample((7, 50), seed=9, specials=False)
+    amax = float(x.abs().max()) * 1.5  # a static amax larger than this batch's
+    want = nvfp4_reference(x, global_amax=amax)
+    for given in (amax, torch.tensor(amax, dtype=torch.float32, device=DEVICE)):
+        assert_same_bits(quantize_nvfp4_kernel(x.to(DEVICE), global_amax=given), want)
+    with pytest.raises(ValueError, match="one value"):
+        quantize_nvfp4_kernel(x.to(DEVICE), global_amax=torch.ones(2, device=DEVICE))
+    with pytest.raises(TypeError, match="float32"):
+        quantize_nvfp4_kernel(x.to(DEVICE), global_amax=torch.ones((), dtype=torch.float64, device=DEVICE))
+    with pytest.raises(ValueError, match="finite"):
+        quantize_nvfp4_kernel(x.to(DEVICE), global_amax=float("inf"))

@@ -107,7 +107,8 @@ def quantize_nvfp4_kernel(x: torch.Tensor, global_amax=None, rounding: str = "ne
     ``float4_e2m1fn_x2`` (Kp = K padded to 16), E4M3 block scales ``(M, Kp / 16)`` as
     ``float8_e4m3fn`` and the float32 tensor scale as a 0-d tensor, as
     :meth:`companion.mx.NVFP4Tensor.to_torch` returns them. ``global_amax`` (rounded to float32)
-    replaces the amax pass (static scaling). ``rounding="stochastic"`` rounds the E2M1 element codes
+    replaces the amax pass (static scaling): a number, or a one-element float32 tensor on x's device
+    (delayed scaling keeps it there; then it is not read back to check it). ``rounding="stochastic"`` rounds the E2M1 element codes
     stochastically (unbiased; Philox draws keyed by ``seed`` and each element's position, ``offset``
     shifting the counters), as the FP4 training recipes do for gradients; block scales stay nearest-even.
     """
@@ -119,7 +120,13 @@ def quantize_nvfp4_kernel(x: torch.Tensor, global_amax=None, rounding: str = "ne
     codes = torch.empty((M, Kp // 2), dtype=torch.uint8, device=dev)  # the kernel writes every byte
     block_scales = torch.empty((M, Kp // 16), dtype=torch.uint8, device=dev)
     tensor_scale = torch.ones((), dtype=torch.float32, device=dev)
-    if global_amax is not None:
+    if isinstance(global_amax, torch.Tensor):
+        # Kept on the device (delayed scaling): no host round trip; its value is the caller's to vouch for.
+        runtime.check_tensor(global_amax, "global_amax", dtypes=(torch.float32,), contiguous=False)
+        if global_amax.numel() != 1:
+            raise ValueError(f"global_amax must hold one value, got shape {tuple(global_amax.shape)}")
+        amax_bits = global_amax.reshape(1).view(torch.int32)
+    elif global_amax is not None:
         amax = float(np.float32(global_amax))
         if not np.isfinite(amax) or amax < 0:
             raise ValueError(f"global_amax must be finite and non-negative, got {global_amax!r}")
