@@ -134,6 +134,54 @@ def short_name(name: str) -> str:
     return f"L{m.group(1)} {kind.get(m.group(2), m.group(2))}"
 
 
+def minilm_token_ids(text: str) -> list[int]:
+    """[CLS] + one vocabulary id per whitespace-separated word + [SEP].
+
+    A stand-in for the WordPiece tokenizer that is exact for text made of whole vocabulary words
+    (lower case, punctuation as separate words); any other word is refused by name.
+    """
+    vocab = {w: i for i, w in enumerate((minilm_path().parent / "vocab.txt").read_text().split("\n"))}
+    words = text.split()
+    missing = sorted({w for w in words if w not in vocab})
+    if missing:
+        raise ValueError(f"not whole words of MiniLM's vocabulary: {missing}")
+    return [vocab["[CLS]"]] + [vocab[w] for w in words] + [vocab["[SEP]"]]
+
+
+def minilm_forward(text: str):
+    """MiniLM-L6's encoder in float64, written out layer by layer from the stored weights.
+
+    Returns ``(ffn_inputs, last_hidden_state)``: the input of each layer's feed-forward block (the
+    activations its first linear layer sees) as six float32 arrays of shape (tokens, 384), and the
+    encoder's output (tokens, 384) in float64, which the tests compare with the packaged model.
+    """
+    import torch
+
+    ids = minilm_token_ids(text)
+    P = {k: torch.from_numpy(v).double() for k, v in load_minilm().items() if v.dtype == np.float32}
+
+    def layer_norm(x, p):
+        return torch.nn.functional.layer_norm(x, (384,), P[p + ".weight"], P[p + ".bias"], eps=1e-12)
+
+    def linear(x, p):
+        return x @ P[p + ".weight"].T + P[p + ".bias"]
+
+    n = len(ids)
+    h = layer_norm(P["embeddings.word_embeddings.weight"][ids] + P["embeddings.position_embeddings.weight"][:n]
+                   + P["embeddings.token_type_embeddings.weight"][0], "embeddings.LayerNorm")
+    ffn_inputs = []
+    for i in range(6):
+        p = f"encoder.layer.{i}."
+        q, k, v = (linear(h, p + "attention.self." + m).reshape(n, 12, 32).transpose(0, 1)  # (heads, n, 32)
+                   for m in ("query", "key", "value"))
+        context = (torch.softmax(q @ k.transpose(1, 2) / 32**0.5, dim=-1) @ v).transpose(0, 1).reshape(n, 384)
+        h = layer_norm(h + linear(context, p + "attention.output.dense"), p + "attention.output.LayerNorm")
+        ffn_inputs.append(h.float().numpy())  # (n, 384)
+        h = layer_norm(h + linear(torch.nn.functional.gelu(linear(h, p + "intermediate.dense")), p + "output.dense"),
+                       p + "output.LayerNorm")
+    return ffn_inputs, h.numpy()
+
+
 def load_minilm_model():
     """MiniLM-L6 as a sentence-transformers model, loaded from the package's folder, offline, on the CPU."""
     path = minilm_path().parent

@@ -122,6 +122,7 @@ from fractions import Fraction
 import numpy as np
 
 from companion.formats import IntFormat, UnknownFormatError, get_format
+from companion.scaling import _as_float64, _check_axis as _check_axis_in_range, _check_size
 
 __all__ = [
     "ELEMENT_TYPES",
@@ -253,41 +254,20 @@ def element_type(elem) -> ElementType:
 # --------------------------------------------------------------------------
 
 def _as_float32(x, who):
-    """x (numpy, torch, list) -> float32 numpy array; float64 is rounded to nearest."""
-    torch = sys.modules.get("torch")
-    if torch is not None and isinstance(x, torch.Tensor):
-        if not x.is_floating_point():
-            raise TypeError(f"{who}: expected a floating-point tensor, got {x.dtype}")
-        return x.detach().to(device="cpu", dtype=torch.float32).numpy()
-    arr = np.asarray(x)
-    kind = arr.dtype.kind
-    if kind == "V":  # ml_dtypes' bfloat16, float8, ...
-        try:
-            import ml_dtypes
-            ml_dtypes.finfo(arr.dtype)
-            kind = "f"
-        except (ImportError, ValueError, TypeError, KeyError):
-            pass
-    if kind != "f":
-        raise TypeError(f"{who}: expected floating-point input, got dtype {arr.dtype}")
-    with np.errstate(over="ignore"):  # float64 beyond float32's range becomes +-Inf, as documented
-        return arr.astype(np.float32)
+    """x (numpy, torch, list) -> float32 numpy array; float64 is rounded to nearest and values beyond
+    float32's range become +-Inf, as documented."""
+    with np.errstate(over="ignore"):
+        return _as_float64(x, who).astype(np.float32)
 
 
 def _check_axis(axis, ndim, who):
-    if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)):
-        raise TypeError(f"{who}: axis must be an int, got {type(axis).__name__}")
     if ndim == 0:
         raise ValueError(f"{who}: a block format needs at least one dimension, got a 0-d input")
-    if not -ndim <= axis < ndim:
-        raise ValueError(f"{who}: axis {axis} is out of range for a tensor with {ndim} dimension(s)")
-    return int(axis) % ndim
+    return _check_axis_in_range(axis, ndim, who)
 
 
 def _check_block_size(block_size, who):
-    if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) or block_size < 1:
-        raise ValueError(f"{who}: block_size must be a positive int, got {block_size!r}")
-    return int(block_size)
+    return _check_size(block_size, f"{who}: block_size")
 
 
 def _check_scale_rounding(mode, who):

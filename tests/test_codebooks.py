@@ -237,3 +237,20 @@ def test_encode_with_weights_swaps_and_restores():
     with pytest.raises(ValueError, match="shape"):
         models.encode_with_weights(model, sentences, {name: w[:10]})
     np.testing.assert_array_equal(models.encode_with_weights(model, sentences), before)  # restored
+
+
+def test_minilm_forward_matches_the_packaged_model():
+    try:
+        models.minilm_path()
+        model = models.load_minilm_model()
+    except models.MissingModelError as err:
+        pytest.skip(str(err))
+    text = "a block of numbers shares one scale , and the largest number sets it ."
+    ids = models.minilm_token_ids(text)
+    ffn_inputs, last = models.minilm_forward(text)
+    assert len(ffn_inputs) == 6 and all(a.shape == (len(ids), 384) and a.dtype == np.float32 for a in ffn_inputs)
+    with torch.no_grad():
+        want = model[0].auto_model(torch.tensor([ids])).last_hidden_state[0].double().numpy()
+    assert np.abs(last - want).max() < 1e-4  # float64 here, float32 in the model
+    with pytest.raises(ValueError, match="qwertyuiop"):
+        models.minilm_token_ids("numbers qwertyuiop")
