@@ -124,4 +124,12 @@ def measure_kmeans() -> dict:
     return measure_kmeans_assign()
 
 
-BENCHMARKS = {"ceilings": measure_ceilings, "quant_kernels": measure_quant_kernels, "kmeans": measure_kmeans}
+def measure_gemm() -> dict:
+    """FP8 block-scaled, W4A16 and MXFP4 GEMMs against cuBLAS, and the FP8 accumulation error vs K."""
+    from companion.kernels.bench_gemm import measure_gemm as measure
+
+    return measure()
+
+
+BENCHMARKS = {"ceilings": measure_ceilings, "quant_kernels": measure_quant_kernels, "kmeans": measure_kmeans,
+              "gemm": measure_gemm}

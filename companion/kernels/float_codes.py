@@ -156,6 +156,16 @@ def fp32_to_bf16(x):
 
 
 @triton.jit
+def round_for_store(x, out_ptr):
+    """float32 -> the element type behind ``out_ptr``, nearest-even in both modes (the interpreter's own
+    float32 -> bfloat16 conversion truncates)."""
+    if out_ptr.dtype.element_ty == tl.bfloat16:
+        return fp32_to_bf16(x)
+    else:
+        return x.to(out_ptr.dtype.element_ty)
+
+
+@triton.jit
 def to_fp32(x):
     """bf16/fp16/fp32 -> float32, exactly. bfloat16 is widened on its bit pattern: the interpreter's own
     bf16 -> fp32 conversion (triton 3.9) mishandles subnormals."""

@@ -1,0 +1,160 @@
+"""Benchmark of the GEMM kernels against cuBLAS, and the accumulation-error measurement, in one run.
+
+* FP8 block-scaled GEMM (DeepSeek-V3 recipe) next to ``torch._scaled_mm`` (cuBLAS FP8, per-row and
+  per-tensor scales) and bf16 cuBLAS, at square and DeepSeek-like shapes; the same kernel with per-row
+  scales, with and without promotion.
+* W4A16 decode (bf16 activations, MXFP4 / NVFP4 weights): time next to bf16 cuBLAS on the same shapes,
+  and weight bytes per second next to the copy bandwidth.
+* MXFP4 x MXFP4 through ``tl.dot_scaled`` (emulated on Hopper).
+* The error of an FP8 GEMM whose Tensor Core sum runs over all of K against one that promotes every
+  128, as K grows.
+
+    python -m companion.book bench gemm      # -> book/data/gemm.json
+"""
+from __future__ import annotations
+
+FP8_SHAPES = ((4096, 4096, 4096), (8192, 8192, 8192), (4096, 7168, 16384))
+DECODE_N, DECODE_K = 8192, 8192
+DECODE_M = (1, 2, 4, 8, 16, 32, 64)
+ERROR_K = (128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+
+
+def _tflops(m, n, k, ms):
+    return 2 * m * n * k / (ms * 1e-3) / 1e12
+
+
+def _fp8_gemms(median_ms):
+    import torch
+
+    from companion.kernels.fp8_gemm import fp8_blockwise_matmul, fp8_rowwise_matmul, random_fp8_operands
+
+    rows = []
+    for M, N, K in FP8_SHAPES:
+        a, sa, b, sb = random_fp8_operands(M, N, K, seed=1, device="cuda")
+        a16 = (a.float() * sa.repeat_interleave(128, 1)[:, :K]).bfloat16()
+        b16 = torch.randn(N, K, device="cuda").bfloat16()
+        row_a, row_b = torch.rand(M, 1, device="cuda") + 0.5, torch.rand(N, 1, device="cuda") + 0.5
+        one = torch.ones((), device="cuda")
+        bt = b.t()  # cuBLAS wants B column-major: the (N, K) row-major codes, transposed as a view
+        times = {
+            "bf16_cublas": median_ms(lambda: a16 @ b16.t()),
+            "fp8_scaled_mm_rowwise": median_ms(lambda: torch._scaled_mm(a, bt, scale_a=row_a, scale_b=row_b.t(),
+                                                                        out_dtype=torch.bfloat16)),
+            "fp8_scaled_mm_tensorwise": median_ms(lambda: torch._scaled_mm(a, bt, scale_a=one, scale_b=one,
+                                                                           out_dtype=torch.bfloat16)),
+            "fp8_blockwise_triton": median_ms(lambda: fp8_blockwise_matmul(a, sa, b, sb)),
+            "fp8_rowwise_triton_promote": median_ms(lambda: fp8_rowwise_matmul(a, row_a, b, row_b, promote=True)),
+            "fp8_rowwise_triton_no_promote": median_ms(lambda: fp8_rowwise_matmul(a, row_a, b, row_b, promote=False)),
+        }
+        rows.append({"M": M, "N": N, "K": K, "ms": times,
+                     "tflops": {name: _tflops(M, N, K, ms) for name, ms in times.items()}})
+    return rows
+
+
+def _decode(median_ms, copy_bytes_per_s):
+    import torch
+
+    from companion.kernels import quantize_mx_rows, quantize_nvfp4_kernel
+    from companion.kernels.fp4_gemm import w4a16_matmul
+
+    N, K = DECODE_N, DECODE_K
+    w = torch.randn(N, K, device="cuda").bfloat16()
+    mx_codes, mx_scales = quantize_mx_rows(w, "fp4_e2m1")
+    nv_codes, nv_scales, nv_ts = quantize_nvfp4_kernel(w)
+    weight_bytes = {"bf16": N * K * 2, "mxfp4": N * K // 2 + N * K // 32, "nvfp4": N * K // 2 + N * K // 16}
+    rows = []
+    for M in DECODE_M:
+        x = torch.randn(M, K, device="cuda").bfloat16()
+        times = {
+            "bf16_cublas": median_ms(lambda: x @ w.t()),
+            "mxfp4": median_ms(lambda: w4a16_matmul(x, mx_codes, mx_scales)),
+            "nvfp4": median_ms(lambda: w4a16_matmul(x, nv_codes, nv_scales, format="nvfp4", tensor_scale=nv_ts)),
+        }
+        rows.append({
+            "M": M, "ms": times,
+            "speedup_vs_bf16": {k: times["bf16_cublas"] / v for k, v in times.items()},
+            "weight_bytes_per_s": {k: weight_bytes[k if k != "bf16_cublas" else "bf16"] / (v * 1e-3)
+                                   for k, v in times.items()},
+            "weight_bandwidth_vs_copy": {k: weight_bytes[k if k != "bf16_cublas" else "bf16"] / (v * 1e-3)
+                                         / copy_bytes_per_s for k, v in times.items()},
+        })
+    return {"N": N, "K": K, "weight_bytes": weight_bytes, "rows": rows}
+
+
+def _mxfp4_dot_scaled(median_ms):
+    import torch
+
+    from companion.kernels import quantize_mx_rows
+    from companion.kernels.fp4_gemm import mxfp4_matmul
+
+    rows = []
+    for size in (4096, 8192):
+        a = torch.randn(size, size, device="cuda").bfloat16()
+        b = torch.randn(size, size, device="cuda").bfloat16()
+        ac, as_ = quantize_mx_rows(a, "fp4_e2m1")
+        bc, bs = quantize_mx_rows(b, "fp4_e2m1")
+        times = {"bf16_cublas": median_ms(lambda: a @ b.t()), "mxfp4_dot_scaled": median_ms(lambda: mxfp4_matmul(ac, as_, bc, bs))}
+        rows.append({"M": size, "N": size, "K": size, "ms": times,
+                     "tflops": {k: _tflops(size, size, size, v) for k, v in times.items()}})
+    return rows
+
+
+def accumulation_error(k_values=ERROR_K, m: int = 256, n: int = 256, seed: int = 0) -> list:
+    """Relative error of the rowwise FP8 GEMM with and without promotion, against float64, per K.
+
+    Operands are random positive E4M3 values (all products add up, as in a sum of squares or a
+    softmax-weighted average), so a narrow accumulator loses the most; the error is the median over
+    outputs of |C - exact| / |exact|, with a float32 output so that no bf16 rounding hides it.
+    """
+    import torch
+
+    from companion.kernels.fp8_gemm import fp8_blockwise_matmul_reference, fp8_rowwise_matmul
+
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    rows = []
+    for K in k_values:
+        a = (torch.rand(m, K, generator=g) * 2 + 0.5).to(torch.float8_e4m3fn)
+        b = (torch.rand(n, K, generator=g) * 2 + 0.5).to(torch.float8_e4m3fn)
+        sa, sb = torch.ones(m, 1), torch.ones(n, 1)
+        exact = fp8_blockwise_matmul_reference(a, sa, b, sb)
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+        row = {"K": K}
+        for promote in (True, False):
+            c = fp8_rowwise_matmul(a.to(dev), sa.to(dev), b.to(dev), sb.to(dev), out_dtype=torch.float32,
+                                   promote=promote).cpu().double()
+            rel = ((c - exact).abs() / exact.abs()).flatten()
+            row["promote" if promote else "no_promote"] = {"median": float(rel.median()), "max": float(rel.max())}
+        rows.append(row)
+    return rows
+
+
+def measure_gemm() -> dict:
+    import torch
+
+    from companion.book.bench import _median_ms, copy_bandwidth, environment
+
+    if not torch.cuda.is_available():
+        raise RuntimeError("the GEMM benchmark needs a CUDA GPU")
+    copy = copy_bandwidth()
+    return {
+        "environment": environment(),
+        "results": {
+            "copy_bytes_per_s": copy,
+            "fp8_gemm": _fp8_gemms(_median_ms),
+            "decode": _decode(_median_ms, copy),
+            "mxfp4_dot_scaled": _mxfp4_dot_scaled(_median_ms),
+            "accumulation_error": accumulation_error(),
+            "tuned_configs": _tuned_configs(),
+        },
+    }
+
+
+def _tuned_configs() -> dict:
+    """The tile each autotuned kernel chose, per problem key (so a reader can see what ran)."""
+    from companion.kernels import fp4_gemm, fp8_gemm
+
+    out = {}
+    for name, tuner in (("fp8_gemm", fp8_gemm._fp8_gemm_tuned), ("dot_scaled", fp4_gemm._dot_scaled_tuned),
+                        ("nvfp4_w4a16", fp4_gemm._nvfp4_w4a16_tuned)):
+        out[name] = {str(key): str(cfg) for key, cfg in getattr(tuner, "cache", {}).items()}
+    return out
