@@ -38,7 +38,8 @@ OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 # Candidate tiles for the compiled kernel; autotuning picks per shape. From sweeps on an H200 at 8192^3
 # (TFLOP/s of the blockwise GEMM): 128 x 128 with 8 warps and 4 stages 760; 64 x 128, 4 warps, 5 stages
-# 660; 128 x 64 588; 128 x 256 and 256 x 128 spill registers (220 and 361); 128 x 128 with 4 warps 207.
+# 660; 128 x 64 588; 128 x 256 and 256 x 128 spill registers (220 and 361; with 16 warps 128 and 443);
+# 128 x 128 with 4 warps 207.
 # Also tried and dropped: applying slice j - 1's scales after issuing slice j's MMA (software
 # pipelining by hand: 666, slower), and Triton 3.6's warp specialization of the loop (fails to compile).
 _CONFIGS = [
