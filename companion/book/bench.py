@@ -131,5 +131,12 @@ def measure_gemm() -> dict:
     return measure()
 
 
+def measure_training() -> dict:
+    """Loss curves of the GPU-sized GPT under every recipe, and the step time of a block with bf16 vs FP8."""
+    from companion.training.bench_training import measure_training as measure
+
+    return measure()
+
+
 BENCHMARKS = {"ceilings": measure_ceilings, "quant_kernels": measure_quant_kernels, "kmeans": measure_kmeans,
-              "gemm": measure_gemm}
+              "gemm": measure_gemm, "training": measure_training}
