@@ -70,15 +70,33 @@ def _decode(median_ms, copy_bytes_per_s):
             "mxfp4": median_ms(lambda: w4a16_matmul(x, mx_codes, mx_scales)),
             "nvfp4": median_ms(lambda: w4a16_matmul(x, nv_codes, nv_scales, format="nvfp4", tensor_scale=nv_ts)),
         }
+        if M <= 16:  # the large-M NVFP4 kernel at its best decode tiles: decoding bit by bit, X the wide operand
+            times["nvfp4_bitwise_kernel"] = median_ms(lambda: _nvfp4_bitwise(x, nv_codes, nv_scales, nv_ts))
         rows.append({
             "M": M, "ms": times,
             "speedup_vs_bf16": {k: times["bf16_cublas"] / v for k, v in times.items()},
-            "weight_bytes_per_s": {k: weight_bytes[k if k != "bf16_cublas" else "bf16"] / (v * 1e-3)
+            "weight_bytes_per_s": {k: weight_bytes[k.split("_")[0]] / (v * 1e-3)
                                    for k, v in times.items()},
-            "weight_bandwidth_vs_copy": {k: weight_bytes[k if k != "bf16_cublas" else "bf16"] / (v * 1e-3)
+            "weight_bandwidth_vs_copy": {k: weight_bytes[k.split("_")[0]] / (v * 1e-3)
                                          / copy_bytes_per_s for k, v in times.items()},
         })
     return {"N": N, "K": K, "weight_bytes": weight_bytes, "rows": rows}
+
+
+def _nvfp4_bitwise(x, codes, scales, ts):
+    """W4A16 NVFP4 through _nvfp4_w4a16_kernel (each E2M1 value built from its bits, about a dozen
+    instructions per weight, activations as the MMA's wide operand) with decode tiles: the comparison
+    for the decode kernel's byte-permute lookup and transposed product."""
+    import torch
+
+    from companion.kernels import fp4_gemm
+
+    M, N, Kp = x.shape[0], codes.shape[0], 2 * codes.shape[1]
+    c = torch.empty((M, N), dtype=torch.bfloat16, device=x.device)
+    w, s = codes.view(torch.uint8), scales.view(torch.uint8)
+    args = (x, w, s, ts, M, N, Kp, x.shape[1], *x.stride(), *w.stride(), *s.stride(), *c.stride())
+    return fp4_gemm._launch(fp4_gemm._nvfp4_w4a16_kernel, None, args, M, N, Kp, x.device, c, "nvfp4",
+                            (64, 256, 8, 4, 3), UPCAST_DOT=False)
 
 
 def _mxfp4_dot_scaled(median_ms):
@@ -140,8 +158,8 @@ def measure_gemm() -> dict:
         "environment": environment(),
         "results": {
             "copy_bytes_per_s": copy,
-            "fp8_gemm": _fp8_gemms(_median_ms),
             "decode": _decode(_median_ms, copy),
+            "fp8_gemm": _fp8_gemms(_median_ms),
             "mxfp4_dot_scaled": _mxfp4_dot_scaled(_median_ms),
             "accumulation_error": accumulation_error(),
             "tuned_configs": _tuned_configs(),

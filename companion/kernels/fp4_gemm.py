@@ -10,10 +10,11 @@ Two ways to reach the Tensor Cores:
 * ``tl.dot_scaled`` takes MX operands as they are stored (packed E2M1 and E8M0 scales). On Blackwell it
   is one block-scaled MMA instruction; on Hopper, which has no FP4 Tensor Core path, Triton upcasts the
   tiles to bf16 in registers and runs a bf16 MMA. W4A16 with MXFP4 weights and MXFP4 x MXFP4 both use it.
-* NVFP4's E4M3 scales are not a ``dot_scaled`` format in Triton 3.6, so its W4A16 kernel decodes in
-  registers: each E2M1 code becomes a float by bit placement, is multiplied by its block's E4M3
-  scale and rounded to bf16 (exact: at most 2 x 4 significant bits), and the FP32 tensor scale multiplies the FP32 sum once
-  at the end.
+* NVFP4's E4M3 scales are not a ``dot_scaled`` format in Triton 3.6, so its W4A16 kernels decode in
+  registers: each E2M1 code becomes a bf16 value (by bit placement, or for decoding by a byte-permute
+  lookup in PTX), is multiplied by its block's E4M3 scale (exact: at most 2 x 4 significant bits),
+  and the FP32 tensor scale multiplies the FP32 sum once at the end. For M <= 16 the product is
+  computed transposed, C^T = W X^T, so that the decoded weights are the MMA's wide operand.
 
 Decoding is exact (every E2M1 x scale product is a bf16 number for scales between 2^-126 and 2^125),
 so the results differ from exact arithmetic only by the FP32 sums on the Tensor Cores and the final
@@ -27,7 +28,7 @@ import triton
 import triton.language as tl
 
 from companion import runtime
-from companion.kernels.float_codes import round_for_store
+from companion.kernels.float_codes import round_for_store, to_fp32
 from companion.formats import get_format
 from companion.mx import unpack_fp4
 
@@ -46,6 +47,19 @@ def _k_range(K, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
     per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
     k_lo = tl.program_id(2) * per_split
     return k_lo, tl.minimum(K, k_lo + per_split)
+
+
+@triton.jit
+def _program_tile(M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                  SPLIT_K: tl.constexpr):
+    """This program's output rows and columns, the same clamped into range for loading (edge rows and
+    columns re-read row 0; they are never stored), and its K range."""
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # N first: consecutive programs stream
+    rows_m = tl.where(offs_m < M, offs_m, 0).to(tl.int64)         # consecutive weights in decode
+    rows_n = tl.where(offs_n < N, offs_n, 0).to(tl.int64)
+    k_lo, k_hi = _k_range(K, BLOCK_K, SPLIT_K)
+    return offs_m, offs_n, rows_m, rows_n, k_lo, k_hi
 
 
 @triton.jit
@@ -86,13 +100,7 @@ def _dot_scaled_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr,  # programs sharing one output tile, each summing a contiguous range of K
 ):
-    pid_n = tl.program_id(0)  # N first: for decode, consecutive programs stream consecutive weights
-    pid_m = tl.program_id(1)
-    k_lo, k_hi = _k_range(K, BLOCK_K, SPLIT_K)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows_a = tl.where(offs_m < M, offs_m, 0).to(tl.int64)  # edge rows re-read row 0; never stored
-    rows_b = tl.where(offs_n < N, offs_n, 0).to(tl.int64)
+    offs_m, offs_n, rows_a, rows_b, k_lo, k_hi = _program_tile(M, N, K, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K)
     offs_kb = tl.arange(0, BLOCK_K // 2)  # packed bytes along K
     offs_ks = tl.arange(0, BLOCK_K // 32)  # scales along K
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -142,13 +150,7 @@ def _nvfp4_w4a16_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    k_lo, k_hi = _k_range(K, BLOCK_K, SPLIT_K)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows_x = tl.where(offs_m < M, offs_m, 0).to(tl.int64)
-    rows_w = tl.where(offs_n < N, offs_n, 0).to(tl.int64)
+    offs_m, offs_n, rows_x, rows_w, k_lo, k_hi = _program_tile(M, N, K, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K)
     offs_j = tl.arange(0, BLOCK_K // 2)  # byte j holds elements 2j (low nibble) and 2j + 1 (high)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
@@ -173,6 +175,93 @@ def _nvfp4_w4a16_kernel(
     _store_tile(acc, c_ptr, ws_ptr, offs_m, offs_n, M, N, stride_cm, stride_cn, SPLIT_K)
 
 
+# Eight E2M1 codes (one 32-bit register of packed bytes) -> eight bf16 values, with byte permutes as
+# lookup tables. A bf16 E2M1 value has one of eight high bytes and one of eight low bytes, so PRMT, which
+# picks bytes out of an 8-byte pool by 3-bit indices, looks up four of each at once; the three magnitude
+# bits of each nibble are the indices, and the sign bit picks 0x00 or 0x80 for the top bit. Results come
+# out split by nibble: $0, $1 hold the low nibbles of bytes 0..3 (elements 2j), $2, $3 the high ones.
+#   magnitude: 0    0.5    1      1.5    2      3      4      6
+#   bf16:      0000 3F00   3F80   3FC0   4000   4040   4080   40C0
+_E2M1_TO_BF16_PTX = tl.constexpr("""
+{
+.reg .b32 mag, mag_hi, sgn, sgn_lo, sgn_hi, lo0, lo1, hi0, hi1, s0, s1;
+and.b32 mag, $4, 0x77777777;
+shr.u32 mag_hi, mag, 16;
+and.b32 sgn, $4, 0x88888888;
+shr.u32 sgn_lo, sgn, 3;
+shr.u32 sgn_hi, sgn, 19;
+prmt.b32 lo0, 0xC0800000, 0xC0804000, mag;
+prmt.b32 lo1, 0xC0800000, 0xC0804000, mag_hi;
+prmt.b32 hi0, 0x3F3F3F00, 0x40404040, mag;
+prmt.b32 hi1, 0x3F3F3F00, 0x40404040, mag_hi;
+prmt.b32 s0, 0x00008000, 0, sgn_lo;
+prmt.b32 s1, 0x00008000, 0, sgn_hi;
+or.b32 hi0, hi0, s0;
+or.b32 hi1, hi1, s1;
+prmt.b32 $0, lo0, hi0, 0x6240;
+prmt.b32 $1, lo1, hi1, 0x6240;
+prmt.b32 $2, lo0, hi0, 0x7351;
+prmt.b32 $3, lo1, hi1, 0x7351;
+}
+""")
+
+
+@triton.jit
+def _e2m1_bytes_to_bf16(w, PTX: tl.constexpr):
+    """uint8 bytes of packed E2M1 -> (value of the low nibble, value of the high nibble), each bf16.
+
+    Compiled: the PTX above, four bytes per call. Interpreted: the same values in float32 (exact), as
+    the interpreter cannot run PTX and multiplies bf16 tensors wrongly (see _nvfp4_w4a16_kernel)."""
+    if PTX:
+        return tl.inline_asm_elementwise(_E2M1_TO_BF16_PTX, "=r,=r,=r,=r,r", [w], dtype=(tl.bfloat16, tl.bfloat16),
+                                         is_pure=True, pack=4)
+    else:
+        w = w.to(tl.int32)
+        return _e2m1_value(w & 0xF), _e2m1_value(w >> 4)
+
+
+@triton.jit
+def _nvfp4_decode_kernel(
+    x_ptr,  # bf16 (M, K_X), M <= 16 per program
+    w_ptr, sw_ptr,  # packed E2M1 (N, K/2); E4M3 block scales (N, K/16) as uint8
+    ts_ptr,  # float32 tensor scale (one element)
+    c_ptr, ws_ptr,  # C (M, N); float32 partial sums (SPLIT_K, M, N) when K is split
+    M, N, K, K_X,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_sk, stride_cm, stride_cn,
+    PTX: tl.constexpr,  # compiled for the GPU (False under the interpreter: float32 operands)
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+):
+    """NVFP4 W4A16 for decoding, as C^T = W X^T: the weights are the MMA's wide operand (BLOCK_N rows,
+    decoded in registers) and the few activation rows its narrow one (16, the smallest MMA width).
+
+    The weight tile is read as (BLOCK_N, scale blocks, 8 bytes), so each E4M3 scale is converted once
+    and multiplies its 16 values by broadcasting (exact in bf16: at most 2 x 4 significant bits); the
+    low- and high-nibble values are then interleaved back into K order for one MMA over BLOCK_K."""
+    offs_m, offs_n, rows_x, rows_w, k_lo, k_hi = _program_tile(M, N, K, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K)
+    NSB: tl.constexpr = BLOCK_K // 16  # NVFP4 scale blocks per tile, 8 bytes each
+    offs_b = tl.arange(0, NSB)
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        b = k0 // 16 + offs_b
+        b_ok = b < K // 16  # K is a multiple of 16: a block is wholly in or out
+        j = b[None, :, None] * 8 + tl.arange(0, 8)[None, None, :]
+        w = tl.load(w_ptr + rows_w[:, None, None] * stride_wn + j * stride_wk, mask=b_ok[None, :, None], other=0)
+        s = tl.load(sw_ptr + rows_w[:, None] * stride_sn + b[None, :] * stride_sk, mask=b_ok[None, :], other=0)
+        s = s.to(tl.float8e4nv, bitcast=True)
+        w_lo, w_hi = _e2m1_bytes_to_bf16(w, PTX)  # (BLOCK_N, NSB, 8) each
+        s = (s.to(tl.bfloat16) if PTX else s.to(tl.float32))[:, :, None]
+        w_k = tl.reshape(tl.join(w_lo * s, w_hi * s), (BLOCK_N, BLOCK_K))  # byte j -> elements 2j, 2j + 1
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x_k = tl.load(x_ptr + rows_x[None, :] * stride_xm + offs_k[:, None] * stride_xk,
+                      mask=offs_k[:, None] < K_X, other=0.0)  # (BLOCK_K, BLOCK_M)
+        if not PTX:  # float32 operands with the same values (widened on the bits: see to_fp32)
+            x_k = to_fp32(x_k)
+        acc = tl.dot(w_k, x_k, acc, input_precision="ieee")
+    acc = acc * tl.load(ts_ptr)
+    _store_tile(tl.trans(acc), c_ptr, ws_ptr, offs_m, offs_n, M, N, stride_cm, stride_cn, SPLIT_K)
+
+
 def _tuned(kernel):
     if runtime.INTERPRET:
         return kernel
@@ -185,10 +274,19 @@ _nvfp4_w4a16_tuned = _tuned(_nvfp4_w4a16_kernel)
 # Decode (M <= 16): the weights are read once and nothing is reused, so the tile only has to keep
 # enough bytes in flight on every SM: narrow tiles of N, deep tiles of K, and K split across programs
 # when N alone gives too few (partials summed in a fixed order by a second, tiny kernel).
-# (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages), the fastest of a sweep on an H200 at N = K = 8192
-# (BLOCK_N 16/32/64/128, BLOCK_K 128..1024, SPLIT_K 1..8). Neither kernel is limited by memory there:
-# both spend their time decoding (see the GEMM chapter's measurements).
-DECODE_CONFIG = {"mxfp4": (64, 256, 4, 4, 3), "nvfp4": (64, 256, 8, 4, 3)}
+# (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages): the fastest of sweeps on an H200 at N = K = 8192
+# (BLOCK_N 32..128, BLOCK_K 128..1024, SPLIT_K 1..8, 4 or 8 warps, 2..4 stages). MXFP4 runs on
+# dot_scaled; NVFP4 on _nvfp4_decode_kernel, which was also tried for MXFP4 (E8M0 scales) and with the
+# nibbles kept apart (two MMAs over K/2, the activations read at stride 2): 55-90 us against dot_scaled's
+# 46. Neither is limited by memory there (see the GEMM chapter's measurements).
+DECODE_CONFIG = {"mxfp4": (64, 256, 4, 4, 3), "nvfp4": (32, 256, 8, 4, 3)}
+
+
+def _sum_splits(ws, out, M, N, split):
+    if split > 1:
+        block = 1024
+        _sum_splits_kernel[(triton.cdiv(M * N, block),)](ws, out, M, N, *out.stride(), SPLIT_K=split, BLOCK=block)
+    return out
 
 
 def _launch(kernel, tuned, args, M, N, K, device, out, fmt, config=None, **meta):
@@ -204,10 +302,7 @@ def _launch(kernel, tuned, args, M, N, K, device, out, fmt, config=None, **meta)
     kernel[(triton.cdiv(N, bn), triton.cdiv(M, 16), split)](
         *args[:4], out, ws, *args[4:], **meta, BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split,
         num_warps=warps, num_stages=stages)
-    if split > 1:
-        block = 1024
-        _sum_splits_kernel[(triton.cdiv(M * N, block),)](ws, out, M, N, *out.stride(), SPLIT_K=split, BLOCK=block)
-    return out
+    return _sum_splits(ws, out, M, N, split)
 
 
 def _packed(codes, name):
@@ -271,6 +366,9 @@ def w4a16_matmul(x: torch.Tensor, w_codes: torch.Tensor, w_scales: torch.Tensor,
     if tensor_scale.numel() != 1:
         raise ValueError(f"tensor_scale must hold one element, got shape {tuple(tensor_scale.shape)}")
     args = (x, codes, s, tensor_scale, M, N, Kp, x.shape[1], *x.stride(), *codes.stride(), *s.stride(), *c.stride())
+    if M <= 16:
+        return _launch(_nvfp4_decode_kernel, None, args, M, N, Kp, x.device, c, format, _config,
+                       PTX=not runtime.INTERPRET)
     return _launch(_nvfp4_w4a16_kernel, _nvfp4_w4a16_tuned, args, M, N, Kp, x.device, c, format, _config,
                    UPCAST_DOT=runtime.INTERPRET)
 

@@ -108,9 +108,11 @@ def _forward_kernels(x, bias, w_fp8):
 
 def _dgrad_kernels(dy, w_fp8):
     # B = W^T (K, N): the transposed codes and tile scales of W. The 128 x 128 tiles of W^T are W's
-    # tiles transposed, so the forward quantization serves here too.
+    # tiles transposed, so the forward quantization serves here too. The kernel reads B's tiles along
+    # K fastest; a transposed view would make every load a strided gather, so the codes are copied
+    # once into W^T's row-major layout (one pass over a byte per weight).
     codes, scales = w_fp8
-    return _gemm(_fp8(dy, (1, 128)), (codes.t(), scales.t()))
+    return _gemm(_fp8(dy, (1, 128)), (codes.t().contiguous(), scales.t().contiguous()))
 
 
 def _wgrad_kernels(dy, x):
