@@ -2,7 +2,8 @@
 
 Bytes that must move: the input read once, the codes and the scales written once (NVFP4's amax pass
 reads the input a second time; that read is timed but not counted, so its ratio shows the cost of
-the extra pass). The baseline a user would otherwise write is the obvious PyTorch code for the same
+the extra pass). Two copy ceilings: the device's copy bandwidth (1 GiB, its best rate) and a copy of
+exactly the kernel's bytes, which pays the same fixed costs of a launch and its tail. The baseline a user would otherwise write is the obvious PyTorch code for the same
 recipe, compiled with ``torch.compile``; it is timed on the same inputs in the same process.
 
     python -m companion.book bench quant_kernels      # -> book/data/quant_kernels.json
@@ -131,6 +132,9 @@ def measure_quant_kernels() -> dict:
             nbytes = bytes_moved(name, M, K)
             entry = {"bytes": nbytes, "kernel_bytes_per_s": nbytes / (bench._median_ms(lambda: fn(x)) * 1e-3)}
             entry["kernel_vs_copy"] = entry["kernel_bytes_per_s"] / copy
+            # A copy of exactly these bytes: the same launch and tail costs, so the fair ceiling at this size.
+            entry["copy_same_bytes_per_s"] = bench.copy_bandwidth(nbytes)
+            entry["kernel_vs_copy_same_bytes"] = entry["kernel_bytes_per_s"] / entry["copy_same_bytes_per_s"]
             if (M, K) == COMPILE_SIZE and name in baselines:  # no compiled baseline for stochastic rounding
                 try:
                     compiled = torch.compile(baselines[name], dynamic=False)
