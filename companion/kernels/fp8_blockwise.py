@@ -1,7 +1,8 @@
 """FP8 E4M3 quantization with DeepSeek-V3's block scales: 1 x 128 for activations, 128 x 128 for weights.
 
-One program owns a tile of the input: ``BLOCK_M`` rows x 128 columns for 1 x 128 scales (one amax per
-row of the tile), or a whole 128 x 128 tile (one amax for all of it). The arithmetic, all in float32:
+One program owns a ``BLOCK_M x BLOCK_K`` tile of the input, ``BLOCK_K`` a multiple of 128, viewed as
+``(BLOCK_M, BLOCK_K / 128, 128)``: for 1 x 128 scales one amax per row and block, for 128 x 128 scales
+(``BLOCK_M = 128``) one amax per block over all of the tile's rows. The arithmetic, all in float32:
 
     amax  = max |x| over the finite elements of the block      (exact: a max of bit patterns)
     s     = amax / 448                                          (IEEE division, nearest-even)
@@ -37,6 +38,10 @@ E4M3_MAX = 448.0
 # 32 x 128 3.29 (3.60), 16 x 256 3.36 (3.69), 8 x 512 3.43 (3.72), 4 x 1024 3.47 (3.71); 8 warps and
 # 2 x 2048 were slower. Copy of the same bytes: 3.81 (4.16).
 ROW_BLOCK_CONFIG = (8, 512, 4)
+# (128, BLOCK_K, num_warps) for 128 x 128 tiles: BLOCK_K / 128 tiles side by side per program. One tile
+# and 16 warps is best on an H200 (8192^2 bf16: 2.93 TB/s; 32 warps 1.97; two tiles with 16 or 32 warps
+# 2.17 and 2.29; four tiles 1.85).
+TILE_CONFIG = (128, 128, 16)
 
 
 @triton.jit
@@ -49,7 +54,7 @@ def _fp8_blockwise_kernel(
     n_scale_cols,  # cdiv(K, 128)
     TILE_ROWS: tl.constexpr,  # 1 (activations) or 128 (weights): rows that share a scale
     BLOCK_M: tl.constexpr,  # rows per program (TILE_ROWS when that is 128)
-    BLOCK_K: tl.constexpr,  # columns per program: a multiple of 128 (128 when TILE_ROWS is 128)
+    BLOCK_K: tl.constexpr,  # columns per program: a multiple of 128
     POW2: tl.constexpr,  # round each scale up to a power of two
     seed, offset,  # stochastic rounding: Philox seed, and an offset added to every Philox counter
     STOCHASTIC: tl.constexpr,  # round the codes stochastically instead of to nearest-even
@@ -64,10 +69,9 @@ def _fp8_blockwise_kernel(
     # amax over finite elements, as a max of bit patterns (order-preserving for non-negative floats)
     magnitude = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
     finite = tl.where(magnitude < 0x7F800000, magnitude, 0)
-    if TILE_ROWS == 1:
-        amax_bits = tl.max(tl.reshape(finite, (BLOCK_M, NB, 128)), axis=2)  # (BLOCK_M, NB)
-    else:
-        amax_bits = tl.max(tl.max(finite, axis=1), axis=0)  # one scale for the tile
+    amax_bits = tl.max(tl.reshape(finite, (BLOCK_M, NB, 128)), axis=2)  # (BLOCK_M, NB): per row block
+    if TILE_ROWS == 128:
+        amax_bits = tl.max(amax_bits, axis=0)  # (NB,): per 128 x 128 tile
     amax = amax_bits.to(tl.float32, bitcast=True)
 
     s_bits = tl.math.div_rn(amax, 448.0).to(tl.int32, bitcast=True)
@@ -78,14 +82,15 @@ def _fp8_blockwise_kernel(
     s_bits = tl.where(amax_bits == 0, 0x3F800000, s_bits)  # empty block: scale 1
     s = s_bits.to(tl.float32, bitcast=True)
 
+    blocks = pid_k * NB + tl.arange(0, NB)
     if TILE_ROWS == 1:
-        y = tl.reshape(tl.math.div_rn(tl.reshape(x, (BLOCK_M, NB, 128)), s[:, :, None]), (BLOCK_M, BLOCK_K))
-        blocks = pid_k * NB + tl.arange(0, NB)
+        y = tl.math.div_rn(tl.reshape(x, (BLOCK_M, NB, 128)), s[:, :, None])
         tl.store(scales_ptr + rows[:, None].to(tl.int64) * n_scale_cols + blocks[None, :], s,
                  mask=(rows[:, None] < M) & (blocks[None, :] < n_scale_cols))
     else:
-        y = tl.math.div_rn(x, s)
-        tl.store(scales_ptr + pid_m * n_scale_cols + pid_k, s)
+        y = tl.math.div_rn(tl.reshape(x, (BLOCK_M, NB, 128)), s[None, :, None])
+        tl.store(scales_ptr + pid_m * n_scale_cols + blocks, s, mask=blocks < n_scale_cols)
+    y = tl.reshape(y, (BLOCK_M, BLOCK_K))
     c_offsets = rows[:, None].to(tl.int64) * K + cols[None, :]
     if STOCHASTIC:
         # Random bits keyed by each element's position: the same seed gives the same bits.
@@ -132,9 +137,9 @@ def quantize_fp8_blockwise(x: torch.Tensor, tile=(1, 128), power_of_two_scales: 
     scales = torch.empty((triton.cdiv(M, rows), triton.cdiv(K, cols)), dtype=torch.float32, device=x.device)
     if x.numel() == 0:
         return codes.view(torch.float8_e4m3fn), scales
-    block_m, block_k, warps = ROW_BLOCK_CONFIG if rows == 1 else (128, 128, 16)
-    if runtime.INTERPRET and rows == 1:
-        block_m, block_k = 4, 256  # small tiles, two blocks per row: the multi-block path runs in CI
+    block_m, block_k, warps = ROW_BLOCK_CONFIG if rows == 1 else TILE_CONFIG
+    if runtime.INTERPRET:  # small tiles (two blocks per row) where the tile allows: the multi-block path runs in CI
+        block_m, block_k = (4, 256) if rows == 1 else (128, 256)
     grid = (triton.cdiv(M, block_m), triton.cdiv(K, block_k))
     _fp8_blockwise_kernel[grid](
         x, codes, scales, M, K, x.stride(0), x.stride(1), scales.shape[1],
