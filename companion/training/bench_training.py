@@ -18,12 +18,13 @@ also timed alone, to separate the GEMMs from everything else a step does, and th
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import platform
 
 import torch
 
+from companion.book.bench import _median_ms
 from companion.training import gpt
+from companion.training.quant_linear import _dgrad_kernels, _forward_kernels, _fp8, _wgrad_kernels
 
 __all__ = ["RUNS", "STEPS", "measure_training", "loss_curves", "block_step_ms", "linear_step_ms", "gemm_times",
            "step_times"]
@@ -57,12 +58,6 @@ def loss_curves(config: gpt.GPTConfig = gpt.GPU_CONFIG, steps: int = STEPS, seed
                            measure_noise=True, device="cuda", data=data, log=log)
         curves[name] = result.to_dict()
     return curves
-
-
-def _median_ms(fn) -> float:
-    import triton.testing
-
-    return float(triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median"))
 
 
 def _quantized(module, fp8: bool):
@@ -114,8 +109,6 @@ def gemm_times(in_features: int = 4096, out_features: int = 16384, tokens: int =
     """Milliseconds of the pieces of one linear layer's step: the three GEMMs in BF16 (cuBLAS), the same
     three as ``QuantLinear(backend="kernels")`` runs them (each quantizing its activation and gradient
     operands; the weight's tiles are quantized once, beforehand), and each FP8 quantization alone."""
-    ql = importlib.import_module("companion.training.quant_linear")  # the package exports a function of that name
-
     _require_cuda("timing GEMMs")
     gen = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(tokens, in_features, device="cuda", generator=gen)         # (M, K)
@@ -123,9 +116,9 @@ def gemm_times(in_features: int = 4096, out_features: int = 16384, tokens: int =
     dy = torch.randn(tokens, out_features, device="cuda", generator=gen)       # (M, N)
     xb, wb, dyb = x.bfloat16(), w.bfloat16(), dy.bfloat16()
     bf16 = {"forward": lambda: xb @ wb.t(), "dgrad": lambda: dyb @ wb, "wgrad": lambda: dyb.t() @ xb}
-    w_fp8 = ql._fp8(w, (128, 128))
-    fp8 = {"forward": lambda: ql._forward_kernels(x, None, w_fp8), "dgrad": lambda: ql._dgrad_kernels(dy, w_fp8),
-           "wgrad": lambda: ql._wgrad_kernels(dy, x)}
+    w_fp8 = _fp8(w, (128, 128))
+    fp8 = {"forward": lambda: _forward_kernels(x, None, w_fp8), "dgrad": lambda: _dgrad_kernels(dy, w_fp8),
+           "wgrad": lambda: _wgrad_kernels(dy, x)}
     operands = {"x": (x, (1, 128)), "w": (w, (128, 128)), "dy": (dy, (1, 128)),
                 "x_t": (x.t(), (1, 128)), "dy_t": (dy.t(), (1, 128))}
     return {
@@ -133,7 +126,7 @@ def gemm_times(in_features: int = 4096, out_features: int = 16384, tokens: int =
         "flops_per_gemm": 2 * tokens * in_features * out_features,
         "bf16_gemm": {name: _median_ms(fn) for name, fn in bf16.items()},
         "fp8_gemm": {name: _median_ms(fn) for name, fn in fp8.items()},
-        "fp8_quantize": {name: _median_ms(lambda t=t, tile=tile: ql._fp8(t, tile)) for name, (t, tile) in operands.items()},
+        "fp8_quantize": {name: _median_ms(lambda t=t, tile=tile: _fp8(t, tile)) for name, (t, tile) in operands.items()},
     }
 
 
