@@ -26,7 +26,7 @@ DEVICE = runtime.kernel_device()
 TENSOR_CORE_FP8_U = 2.0 ** -13 if runtime.MODE == "compiled" else 2.0 ** -24
 # (M, N, K): 1 x 1, tails in every dimension (K not a multiple of 128 or 32), tall and skinny.
 FP8_SHAPES = [(1, 1, 16), (16, 16, 128), (17, 33, 300), (5, 130, 144), (48, 16, 272)]
-FP4_SHAPES = [(1, 16, 64), (3, 40, 100), (17, 33, 96), (16, 1, 32)]
+FP4_SHAPES = [(1, 16, 64), (3, 40, 100), (17, 33, 96), (16, 1, 32), (2, 5, 16), (8, 20, 200)]
 GPU_FP8_SHAPES = [(256, 384, 1024), (1000, 777, 1040), (4096, 512, 4096)]
 GPU_FP4_SHAPES = [(1, 8192, 8192), (16, 4096, 4096), (7, 1000, 1000), (300, 512, 2048)]
 
@@ -186,10 +186,11 @@ def test_mxfp4_dot_scaled_within_bound(M, N, K):
     assert_within(c, matmul_reference(A, B), gemm_error_bound(A, B, torch.float32))
 
 
-@pytest.mark.parametrize("rows", [16, 32], ids=["decode", "large_m"])
+@pytest.mark.parametrize("rows", [1, 16, 32], ids=["gemv", "decode", "large_m"])
 def test_fp4_decoding_covers_every_code(rows):
-    """Each of the 16 E2M1 codes, with scales from tiny to large: both W4A16 paths (M <= 16, the decode
-    kernels, and M > 16) decode them exactly."""
+    """Each of the 16 E2M1 codes, with scales from tiny to large (a float32 subnormal 2^-127 result
+    included): the three W4A16 paths (M <= GEMV_MAX_M on the CUDA cores, M <= 16 the decode kernels,
+    and M > 16) decode them exactly."""
     from companion.mx import pack_fp4
 
     codes = torch.arange(16, dtype=torch.uint8).repeat(4, 2)  # (4, 32): every code twice per row

@@ -262,6 +262,110 @@ def _nvfp4_decode_kernel(
     _store_tile(tl.trans(acc), c_ptr, ws_ptr, offs_m, offs_n, M, N, stride_cm, stride_cn, SPLIT_K)
 
 
+# Eight E2M1 codes (one 32-bit register of packed bytes) -> eight float32 values, for the CUDA-core GEMV.
+# The byte-permute lookup of _E2M1_TO_BF16_PTX gives BF16 pairs; a BF16 number is the top half of the
+# float32 of the same value, so each pair becomes two float32 by a shift and a mask. Outputs: $0..$3 the
+# low nibbles of bytes 0..3 (elements 2j), $4..$7 the high nibbles (elements 2j + 1); input $8.
+_E2M1_TO_FP32_PTX = tl.constexpr("""
+{
+.reg .b32 mag, mag_hi, sgn, sgn_lo, sgn_hi, lo0, lo1, hi0, hi1, s0, s1, p0, p1, p2, p3;
+and.b32 mag, $8, 0x77777777;
+shr.u32 mag_hi, mag, 16;
+and.b32 sgn, $8, 0x88888888;
+shr.u32 sgn_lo, sgn, 3;
+shr.u32 sgn_hi, sgn, 19;
+prmt.b32 lo0, 0xC0800000, 0xC0804000, mag;
+prmt.b32 lo1, 0xC0800000, 0xC0804000, mag_hi;
+prmt.b32 hi0, 0x3F3F3F00, 0x40404040, mag;
+prmt.b32 hi1, 0x3F3F3F00, 0x40404040, mag_hi;
+prmt.b32 s0, 0x00008000, 0, sgn_lo;
+prmt.b32 s1, 0x00008000, 0, sgn_hi;
+or.b32 hi0, hi0, s0;
+or.b32 hi1, hi1, s1;
+prmt.b32 p0, lo0, hi0, 0x6240;
+prmt.b32 p1, lo1, hi1, 0x6240;
+prmt.b32 p2, lo0, hi0, 0x7351;
+prmt.b32 p3, lo1, hi1, 0x7351;
+shl.b32 $0, p0, 16;
+and.b32 $1, p0, 0xFFFF0000;
+shl.b32 $2, p1, 16;
+and.b32 $3, p1, 0xFFFF0000;
+shl.b32 $4, p2, 16;
+and.b32 $5, p2, 0xFFFF0000;
+shl.b32 $6, p3, 16;
+and.b32 $7, p3, 0xFFFF0000;
+}
+""")
+
+
+@triton.jit
+def _e2m1_bytes_to_fp32(w, PTX: tl.constexpr):
+    """uint8 bytes of packed E2M1 -> (value of the low nibble, value of the high nibble), each float32."""
+    if PTX:
+        return tl.inline_asm_elementwise(_E2M1_TO_FP32_PTX, "=r,=r,=r,=r,=r,=r,=r,=r,r", [w],
+                                         dtype=(tl.float32, tl.float32), is_pure=True, pack=4)
+    else:
+        w = w.to(tl.int32)
+        return _e2m1_value(w & 0xF), _e2m1_value(w >> 4)
+
+
+@triton.jit
+def _fp4_gemv_kernel(
+    x_ptr,  # activation pairs: bf16 (M, Kp) read as int32 (M, Kp / 2), element 2j in the low half
+    w_ptr, sw_ptr,  # packed E2M1 (N, Kp/2); block scales (N, Kp/BLOCK) as uint8 (E8M0 or E4M3)
+    ts_ptr,  # float32 tensor scale (NVFP4; one element), unused for MXFP4
+    c_ptr, ws_ptr,  # C (M, N); float32 partial sums (SPLIT_K, M, N) when K is split
+    M, N, K,  # K counts elements (codes), a multiple of the scale block
+    stride_xm, stride_wn, stride_sn, stride_sk, stride_cm, stride_cn,
+    NVFP4: tl.constexpr,  # E4M3 scales per 16 and a tensor scale (True) or E8M0 scales per 32 (False)
+    PTX: tl.constexpr,  # compiled for the GPU (False under the interpreter)
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+):
+    """C[m] = W x[m] on the CUDA cores, one activation row per program (grid axis 0 = rows, so the
+    programs of one weight tile run together and its second and later reads hit L2).
+
+    No Tensor Core and no layout change: the weight tile is read as (BLOCK_N, scale blocks, bytes of a
+    block), each thread decodes its bytes to float32 and multiplies them with the activation pairs
+    loaded in the same layout; a block's products are summed in the thread, scaled once, and kept in a
+    (BLOCK_N, blocks) accumulator that is reduced across threads only after the K loop."""
+    SB: tl.constexpr = 16 if NVFP4 else 32  # elements per scale block
+    NB: tl.constexpr = BLOCK_K // SB  # scale blocks per tile
+    m = tl.program_id(0)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows_w = tl.where(offs_n < N, offs_n, 0).to(tl.int64)
+    per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
+    k_lo = tl.program_id(2) * per_split
+    k_hi = tl.minimum(K, k_lo + per_split)
+    offs_b = tl.arange(0, NB)
+    offs_j = tl.arange(0, SB // 2)
+    acc = tl.zeros((BLOCK_N, NB), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        b = k0 // SB + offs_b
+        b_ok = b < K // SB  # K is a multiple of SB: a block is wholly in or out
+        j = b[:, None] * (SB // 2) + offs_j[None, :]  # (NB, SB/2): byte j holds elements 2j, 2j + 1
+        w = tl.load(w_ptr + rows_w[:, None, None] * stride_wn + j[None, :, :], mask=b_ok[None, :, None], other=0)
+        xp = tl.load(x_ptr + m * stride_xm + j, mask=b_ok[:, None], other=0)  # int32 pairs, (NB, SB/2)
+        x_even = (xp << 16).to(tl.float32, bitcast=True)  # bf16 -> float32 is a 16-bit shift, exact
+        x_odd = (xp & -65536).to(tl.float32, bitcast=True)
+        w_lo, w_hi = _e2m1_bytes_to_fp32(w, PTX)  # (BLOCK_N, NB, SB/2) each
+        part = tl.sum(w_lo * x_even[None, :, :] + w_hi * x_odd[None, :, :], axis=2)  # exact products
+        s = tl.load(sw_ptr + rows_w[:, None] * stride_sn + b[None, :] * stride_sk, mask=b_ok[None, :], other=0)
+        if NVFP4:
+            scale = s.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+        else:  # E8M0: 2^(s - 127); s = 0 is 2^-127, a float32 subnormal; s = 255 is NaN
+            s = s.to(tl.int32)
+            scale = tl.where(s == 0, 0x00400000, tl.where(s == 255, 0x7FC00000, s << 23)).to(tl.float32, bitcast=True)
+        acc += part * scale
+    out = tl.sum(acc, axis=1)  # (BLOCK_N,)
+    if NVFP4:
+        out = out * tl.load(ts_ptr)
+    ok = offs_n < N
+    if SPLIT_K == 1:
+        tl.store(c_ptr + m.to(tl.int64) * stride_cm + offs_n * stride_cn, round_for_store(out, c_ptr), mask=ok)
+    else:
+        tl.store(ws_ptr + (tl.program_id(2) * M + m).to(tl.int64) * N + offs_n, out, mask=ok)
+
+
 def _tuned(kernel):
     if runtime.INTERPRET:
         return kernel
@@ -280,6 +384,35 @@ _nvfp4_w4a16_tuned = _tuned(_nvfp4_w4a16_kernel)
 # nibbles kept apart (two MMAs over K/2, the activations read at stride 2): 55-90 us against dot_scaled's
 # 46. Neither is limited by memory there (see the GEMM chapter's measurements).
 DECODE_CONFIG = {"mxfp4": (64, 256, 4, 4, 3), "nvfp4": (32, 256, 8, 4, 3)}
+
+# M <= GEMV_MAX_M runs _fp4_gemv_kernel on the CUDA cores instead: (BLOCK_N, BLOCK_K, SPLIT_K, num_warps,
+# num_stages) per format, the fastest of a sweep on an H200 at N = K = 8192 (BLOCK_N 4..64, BLOCK_K
+# 256..2048, SPLIT_K 1 or 2, 2..8 warps, 1..3 stages). Its time grows in proportion to M (M = 1: 28 us
+# for MXFP4, M = 2: 49, M = 4: 88), so from M = 2 on the decode kernels above are faster.
+GEMV_MAX_M = 1
+GEMV_CONFIG = {"mxfp4": (16, 256, 2, 4, 2), "nvfp4": (8, 512, 1, 2, 2)}
+
+
+def _gemv(x, codes, scales, tensor_scale, out, fmt, config=None):
+    """C = x @ W^T through _fp4_gemv_kernel: the activations zero-padded to the codes' Kp columns and
+    contiguous, so that element pairs (2j, 2j + 1) can be read as one int32 beside byte j."""
+    M, N, Kp = x.shape[0], codes.shape[0], 2 * codes.shape[1]
+    if x.shape[1] != Kp or not x.is_contiguous() or x.storage_offset() % 2:
+        x = torch.nn.functional.pad(x, (0, Kp - x.shape[1])).contiguous()
+    if codes.stride(1) != 1:
+        codes = codes.contiguous()
+    pairs = x.view(torch.int32)  # (M, Kp / 2)
+    if runtime.INTERPRET:
+        bn, bk, split, warps, stages = 16, 64, 2 if Kp > 64 else 1, 4, 1
+    else:
+        bn, bk, split, warps, stages = config or GEMV_CONFIG[fmt]
+    ws = torch.empty((split, M, N) if split > 1 else (1,), dtype=torch.float32, device=x.device)
+    ts = tensor_scale if tensor_scale is not None else ws
+    _fp4_gemv_kernel[(M, triton.cdiv(N, bn), split)](
+        pairs, codes, scales, ts, out, ws, M, N, Kp, pairs.stride(0), codes.stride(0), *scales.stride(),
+        *out.stride(), NVFP4=fmt == "nvfp4", PTX=not runtime.INTERPRET, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split,
+        num_warps=warps, num_stages=stages)
+    return _sum_splits(ws, out, M, N, split)
 
 
 def _sum_splits(ws, out, M, N, split):
@@ -358,6 +491,8 @@ def w4a16_matmul(x: torch.Tensor, w_codes: torch.Tensor, w_scales: torch.Tensor,
         if tensor_scale is not None:
             raise ValueError("tensor_scale belongs to NVFP4; MXFP4 has only block scales")
         s = _scales(w_scales, "w_scales", (torch.float8_e8m0fnu, torch.uint8), (N, Kp // MX_BLOCK))
+        if M <= GEMV_MAX_M and _config is None:
+            return _gemv(x, codes, s, None, c, format)
         args = (x, x, codes, s, M, N, Kp, x.shape[1], *x.stride(), 0, 0, *codes.stride(), *s.stride(), *c.stride())
         return _launch(_dot_scaled_kernel, _dot_scaled_tuned, args, M, N, Kp, x.device, c, format, _config,
                        A_FP4=False)
@@ -365,6 +500,8 @@ def w4a16_matmul(x: torch.Tensor, w_codes: torch.Tensor, w_scales: torch.Tensor,
     runtime.check_tensor(tensor_scale, "tensor_scale", dtypes=(torch.float32,), contiguous=False)
     if tensor_scale.numel() != 1:
         raise ValueError(f"tensor_scale must hold one element, got shape {tuple(tensor_scale.shape)}")
+    if M <= GEMV_MAX_M and _config is None:
+        return _gemv(x, codes, s, tensor_scale, c, format)
     args = (x, codes, s, tensor_scale, M, N, Kp, x.shape[1], *x.stride(), *codes.stride(), *s.stride(), *c.stride())
     if M <= 16:
         return _launch(_nvfp4_decode_kernel, None, args, M, N, Kp, x.device, c, format, _config,
@@ -421,12 +558,14 @@ def matmul_reference(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def gemm_error_bound(a: np.ndarray, b: np.ndarray, out_dtype: torch.dtype = torch.bfloat16,
                      unit_roundoff: float = 2.0 ** -24) -> np.ndarray:
-    """|kernel - exact| <= gamma_K(u) * (|A| @ |B|^T) + half an ULP of ``out_dtype`` (Higham's bound).
+    """|kernel - exact| <= gamma_{K+2}(u) * (|A| @ |B|^T) + half an ULP of ``out_dtype`` (Higham's bound).
 
-    Products of the decoded operands are exact in FP32 (bf16 x bf16); only the K-term FP32 sum
-    (``unit_roundoff``) and the final rounding to ``out_dtype`` add error, in any summation order.
+    Products of the decoded operands are exact in FP32 (bf16 x bf16, or E2M1 x bf16); only the K-term
+    FP32 sum (``unit_roundoff``) and the final rounding to ``out_dtype`` add error, in any summation
+    order — plus, in the GEMV, one rounding where a block's sum is multiplied by its E4M3 scale and one
+    where the total is multiplied by NVFP4's tensor scale: K + 2 roundings on any path in all.
     """
-    K = a.shape[1]
+    K = a.shape[1] + 2
     gamma = K * unit_roundoff / (1 - K * unit_roundoff)
     out_u = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11, torch.float32: 2.0 ** -24}[out_dtype]
     magnitude = matmul_reference(np.abs(a), np.abs(b))
