@@ -16,6 +16,10 @@ Two ways to reach the Tensor Cores:
   and the FP32 tensor scale multiplies the FP32 sum once at the end. For M <= 16 the product is
   computed transposed, C^T = W X^T, so that the decoded weights are the MMA's wide operand.
 
+For a single token (M = 1) the Tensor Cores are skipped: ``_fp4_gemv_kernel`` decodes each weight to
+float32 on the CUDA cores, multiplies it with its activation, sums each scale block in the thread and
+scales the sum once (one multiply-add per weight, no layout change between the load and the sum).
+
 Decoding is exact (every E2M1 x scale product is a bf16 number for scales between 2^-126 and 2^125),
 so the results differ from exact arithmetic only by the FP32 sums on the Tensor Cores and the final
 rounding to ``out_dtype`` — the bound :func:`gemm_error_bound` states.
