@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from companion import runtime
-from companion.kernels.float_codes import fp32_to_bf16, from_e2m1, from_e4m3, from_e5m2
+from companion.kernels.float_codes import fp32_to_bf16, from_e2m1, from_e4m3, from_e5m2, from_e8m0
 
 OUTPUT_DTYPES = (torch.float32, torch.bfloat16)
 _ELEMENTS = {torch.float8_e4m3fn: 0, torch.float8_e5m2: 1}
@@ -50,9 +50,7 @@ def _dequantize_kernel(
         out = value * raw
     elif SCALE == 1:
         e = raw.to(tl.int32)
-        bits = tl.where(e == 0, 0x00400000, tl.where(e == 255, 0x3F800000, e << 23))
-        scale = bits.to(tl.float32, bitcast=True)  # 2^(e - 127); 0xFF is handled below
-        out = tl.where(e == 255, float("nan"), value * scale)
+        out = tl.where(e == 255, float("nan"), value * from_e8m0(e))  # NaN whatever the value, 0 included
     else:
         s_t = tl.load(tensor_scale_ptr)
         out = (value * from_e4m3(raw.to(tl.int32))) * s_t

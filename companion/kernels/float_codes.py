@@ -147,6 +147,13 @@ def from_e2m1(code):
 
 
 @triton.jit
+def from_e8m0(code):
+    """int32 E8M0 codes -> 2^(code - 127) as float32 (code 0 is 2^-127, a float32 subnormal; 255 is NaN)."""
+    bits = tl.where(code == 0, 0x00400000, tl.where(code == 255, 0x7FC00000, code << 23))
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def fp32_to_bf16(x):
     """float32 -> bfloat16, nearest-even, on the bit pattern (see companion.kernels.round_bf16)."""
     bits = x.to(tl.uint32, bitcast=True)

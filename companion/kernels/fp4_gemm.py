@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from companion import runtime
-from companion.kernels.float_codes import round_for_store, to_fp32
+from companion.kernels.float_codes import from_e8m0, round_for_store, to_fp32
 from companion.formats import get_format
 from companion.mx import unpack_fp4
 
@@ -186,12 +186,12 @@ def _nvfp4_w4a16_kernel(
 # out split by nibble: $0, $1 hold the low nibbles of bytes 0..3 (elements 2j), $2, $3 the high ones.
 #   magnitude: 0    0.5    1      1.5    2      3      4      6
 #   bf16:      0000 3F00   3F80   3FC0   4000   4040   4080   40C0
-_E2M1_TO_BF16_PTX = tl.constexpr("""
-{
-.reg .b32 mag, mag_hi, sgn, sgn_lo, sgn_hi, lo0, lo1, hi0, hi1, s0, s1;
-and.b32 mag, $4, 0x77777777;
+# The lookup itself (low bytes in lo0/lo1, high bytes with the sign in hi0/hi1, for the nibbles of
+# bytes 0-1 and 2-3) is shared with the float32 decoder of the GEMV below; {src} is the input register.
+_E2M1_LOOKUP_PTX = """
+and.b32 mag, {src}, 0x77777777;
 shr.u32 mag_hi, mag, 16;
-and.b32 sgn, $4, 0x88888888;
+and.b32 sgn, {src}, 0x88888888;
 shr.u32 sgn_lo, sgn, 3;
 shr.u32 sgn_hi, sgn, 19;
 prmt.b32 lo0, 0xC0800000, 0xC0804000, mag;
@@ -202,7 +202,10 @@ prmt.b32 s0, 0x00008000, 0, sgn_lo;
 prmt.b32 s1, 0x00008000, 0, sgn_hi;
 or.b32 hi0, hi0, s0;
 or.b32 hi1, hi1, s1;
-prmt.b32 $0, lo0, hi0, 0x6240;
+"""
+_E2M1_TO_BF16_PTX = tl.constexpr("""
+{
+.reg .b32 mag, mag_hi, sgn, sgn_lo, sgn_hi, lo0, lo1, hi0, hi1, s0, s1;""" + _E2M1_LOOKUP_PTX.format(src="$4") + """prmt.b32 $0, lo0, hi0, 0x6240;
 prmt.b32 $1, lo1, hi1, 0x6240;
 prmt.b32 $2, lo0, hi0, 0x7351;
 prmt.b32 $3, lo1, hi1, 0x7351;
@@ -272,21 +275,7 @@ def _nvfp4_decode_kernel(
 # low nibbles of bytes 0..3 (elements 2j), $4..$7 the high nibbles (elements 2j + 1); input $8.
 _E2M1_TO_FP32_PTX = tl.constexpr("""
 {
-.reg .b32 mag, mag_hi, sgn, sgn_lo, sgn_hi, lo0, lo1, hi0, hi1, s0, s1, p0, p1, p2, p3;
-and.b32 mag, $8, 0x77777777;
-shr.u32 mag_hi, mag, 16;
-and.b32 sgn, $8, 0x88888888;
-shr.u32 sgn_lo, sgn, 3;
-shr.u32 sgn_hi, sgn, 19;
-prmt.b32 lo0, 0xC0800000, 0xC0804000, mag;
-prmt.b32 lo1, 0xC0800000, 0xC0804000, mag_hi;
-prmt.b32 hi0, 0x3F3F3F00, 0x40404040, mag;
-prmt.b32 hi1, 0x3F3F3F00, 0x40404040, mag_hi;
-prmt.b32 s0, 0x00008000, 0, sgn_lo;
-prmt.b32 s1, 0x00008000, 0, sgn_hi;
-or.b32 hi0, hi0, s0;
-or.b32 hi1, hi1, s1;
-prmt.b32 p0, lo0, hi0, 0x6240;
+.reg .b32 mag, mag_hi, sgn, sgn_lo, sgn_hi, lo0, lo1, hi0, hi1, s0, s1, p0, p1, p2, p3;""" + _E2M1_LOOKUP_PTX.format(src="$8") + """prmt.b32 p0, lo0, hi0, 0x6240;
 prmt.b32 p1, lo1, hi1, 0x6240;
 prmt.b32 p2, lo0, hi0, 0x7351;
 prmt.b32 p3, lo1, hi1, 0x7351;
@@ -337,9 +326,7 @@ def _fp4_gemv_kernel(
     m = tl.program_id(0)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows_w = tl.where(offs_n < N, offs_n, 0).to(tl.int64)
-    per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
-    k_lo = tl.program_id(2) * per_split
-    k_hi = tl.minimum(K, k_lo + per_split)
+    k_lo, k_hi = _k_range(K, BLOCK_K, SPLIT_K)
     offs_b = tl.arange(0, NB)
     offs_j = tl.arange(0, SB // 2)
     acc = tl.zeros((BLOCK_N, NB), dtype=tl.float32)
@@ -356,9 +343,8 @@ def _fp4_gemv_kernel(
         s = tl.load(sw_ptr + rows_w[:, None] * stride_sn + b[None, :] * stride_sk, mask=b_ok[None, :], other=0)
         if NVFP4:
             scale = s.to(tl.float8e4nv, bitcast=True).to(tl.float32)
-        else:  # E8M0: 2^(s - 127); s = 0 is 2^-127, a float32 subnormal; s = 255 is NaN
-            s = s.to(tl.int32)
-            scale = tl.where(s == 0, 0x00400000, tl.where(s == 255, 0x7FC00000, s << 23)).to(tl.float32, bitcast=True)
+        else:
+            scale = from_e8m0(s.to(tl.int32))
         acc += part * scale
     out = tl.sum(acc, axis=1)  # (BLOCK_N,)
     if NVFP4:
