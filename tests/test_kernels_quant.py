@@ -72,6 +72,54 @@ def test_e4m3_rounding_table_by_hand():
     assert torch.signbit(back[0, [c == 0x80 for _, c in table]]).all()  # -0 comes back as -0
 
 
+def test_e2m1_rounding_table_by_hand():
+    # amax 4 gives the MXFP4 floor scale 2^(2 - 2) = 1, so the codes are E2M1(x) itself: every tie, the
+    # carries into the next binade, saturation, and signed zeros.
+    table = [  # value, expected code
+        (4.0, 0x6), (0.25, 0x0), (0.2500001, 0x1), (0.75, 0x2), (1.25, 0x2), (1.75, 0x4), (2.5, 0x4),
+        (3.5, 0x6), (5.0, 0x6), (5.0000005, 0x7), (6.0, 0x7), (7.9, 0x7), (-0.0, 0x8), (-0.1, 0x8),
+        (1e-40, 0x0), (-1.5, 0xB), (-3.0, 0xD), (0.7499999, 0x1), (2.9999998, 0x5), (1.0, 0x2),
+    ]
+    x = torch.tensor([[v for v, _ in table] + [0.0] * (32 - len(table))], dtype=torch.float32)
+    codes, scales = quantize_mx_rows(x.to(DEVICE), "fp4_e2m1")
+    assert bits(scales).item() == 127
+    got = mx.unpack_fp4(bits(codes).numpy())[0, : len(table)]
+    assert got.tolist() == [c for _, c in table]
+
+
+def test_fp8_finite_tiles_divide_through_the_reciprocal_with_the_same_bits():
+    """Tiles without NaN/Inf and without tiny blocks divide by reciprocal and FMA correction; -0, float32
+    subnormals inside ordinary blocks, quotients next to E4M3 midpoints and a tile with a tiny block (the
+    division path) must all keep the reference's bits."""
+    g = torch.Generator().manual_seed(21)
+    x = torch.randn(8, 512, generator=g) * torch.exp2(torch.randint(-30, 30, (8, 4), generator=g).float()).repeat_interleave(128, 1)
+    x[0, :5] = torch.tensor([-0.0, 0.0, -1e-42, 1e-45, -3e-39])   # signed zeros and subnormals beside normal numbers
+    x[1, :128] = 3.0e38 * torch.rand(128, generator=g)             # near float32's largest
+    x[5, 384:512] = 1e-30 * torch.randn(128, generator=g)          # a tiny block: that tile divides
+    for tile in [(1, 128), (128, 128)]:
+        for pow2 in (False, True):
+            got = quantize_fp8_blockwise(x.to(DEVICE), tile, power_of_two_scales=pow2)
+            assert_same_bits(got, fp8_blockwise_reference(x, tile, pow2))
+    assert bits(quantize_fp8_blockwise(x.to(DEVICE))[0])[0, 0] == 0x80  # -0 stays -0
+
+    # Quotients that land on or next to E4M3 midpoints, with scales that are not powers of two: here a
+    # quotient one float32 ulp off changes the code, as multiplying by 1/s without the correction would.
+    from companion.formats import get_format
+
+    e4m3 = get_format("fp8_e4m3")
+    values = np.unique(np.abs(e4m3.values()[np.isfinite(e4m3.values())]))
+    mids = ((values[:-1] + values[1:]) / 2).astype(np.float32)
+    rng = np.random.default_rng(4)
+    amax = (np.float32(448) * (1 + rng.random(64))).astype(np.float32)  # one block per row
+    s = amax / np.float32(448)
+    y = (rng.choice(mids[mids > 2**-6], (64, 128)).astype(np.float32) * s[:, None]).astype(np.float32)
+    y[:, 0] = amax
+    uncorrected = e4m3.encode(y * (np.float32(1) / s)[:, None], saturate=True)
+    assert (uncorrected != e4m3.encode(y / s[:, None], saturate=True)).sum() > 500  # the case has teeth
+    y = torch.from_numpy(y)
+    assert_same_bits(quantize_fp8_blockwise(y.to(DEVICE)), fp8_blockwise_reference(y))
+
+
 # ---------------------------------------------------------------- FP8 blockwise (DeepSeek-V3)
 
 @pytest.mark.parametrize("tile", [(1, 128), (128, 128)])

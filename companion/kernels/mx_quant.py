@@ -42,6 +42,10 @@ MX_ELEMENTS = {  # name -> (kernel id, emax, fp32(1 / max), torch dtype of the c
     "fp4_e2m1": (2, 2, float(np.float32(1 / 6.0)), getattr(torch, "float4_e2m1fn_x2", torch.uint8)),
 }
 SCALE_ROUNDINGS = ("floor", "rceil")
+# (BLOCK_M, BLOCK_K, num_warps), from sweeps on an H200 (8192 x 8192 bf16): wide row tiles for row blocks,
+# and 32 x 128 tiles when both directions are written, where the tile is held twice.
+ROWS_CONFIG = (16, 256, 4)
+ROWS_AND_COLUMNS_CONFIG = (32, 128, 4)
 
 
 @triton.jit
@@ -154,9 +158,7 @@ def _launch(x, elem, scale_rounding, rows, cols):
     col_codes = torch.empty((Mp, K) if cols else (0,), dtype=torch.uint8, device=dev)
     col_scales = torch.empty((Mp // 32, K) if cols else (0,), dtype=torch.uint8, device=dev)
     if x.numel():
-        # Tile shapes from a sweep on an H200 (8192 x 8192 bf16): wide row tiles for row blocks, and
-        # 32 x 128 tiles when both directions are written, where the tile is held twice.
-        block_m, block_k = (32, 128) if cols else (16, 256)
+        block_m, block_k, warps = ROWS_AND_COLUMNS_CONFIG if cols else ROWS_CONFIG
         grid = (triton.cdiv(M, block_m), triton.cdiv(Kp, block_k))
         dummy = row_codes if rows else col_codes
         _mx_kernel[grid](
@@ -164,7 +166,7 @@ def _launch(x, elem, scale_rounding, rows, cols):
             col_codes if cols else dummy, col_scales if cols else dummy,
             M, K, Mp, Kp, x.stride(0), x.stride(1),
             ELEM=kind, EMAX=emax, INV_MAX=inv_max, RCEIL=scale_rounding == "rceil",
-            ROWS=rows, COLS=cols, BLOCK_M=block_m, BLOCK_K=block_k, num_warps=4,
+            ROWS=rows, COLS=cols, BLOCK_M=block_m, BLOCK_K=block_k, num_warps=warps,
         )
     out = []
     if rows:
