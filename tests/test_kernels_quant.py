@@ -87,15 +87,14 @@ def test_e2m1_rounding_table_by_hand():
     assert got.tolist() == [c for _, c in table]
 
 
-def test_fp8_finite_tiles_divide_through_the_reciprocal_with_the_same_bits():
-    """Tiles without NaN/Inf and without tiny blocks divide by reciprocal and FMA correction; -0, float32
-    subnormals inside ordinary blocks, quotients next to E4M3 midpoints and a tile with a tiny block (the
-    division path) must all keep the reference's bits."""
+def test_fp8_signed_zeros_subnormals_huge_values_and_quotients_at_midpoints():
+    """-0 and float32 subnormals inside ordinary blocks, values near float32's largest, a block of tiny
+    numbers, and quotients that land on E4M3 midpoints keep the reference's bits."""
     g = torch.Generator().manual_seed(21)
     x = torch.randn(8, 512, generator=g) * torch.exp2(torch.randint(-30, 30, (8, 4), generator=g).float()).repeat_interleave(128, 1)
     x[0, :5] = torch.tensor([-0.0, 0.0, -1e-42, 1e-45, -3e-39])   # signed zeros and subnormals beside normal numbers
     x[1, :128] = 3.0e38 * torch.rand(128, generator=g)             # near float32's largest
-    x[5, 384:512] = 1e-30 * torch.randn(128, generator=g)          # a tiny block: that tile divides
+    x[5, 384:512] = 1e-30 * torch.randn(128, generator=g)          # a tiny block
     for tile in [(1, 128), (128, 128)]:
         for pow2 in (False, True):
             got = quantize_fp8_blockwise(x.to(DEVICE), tile, power_of_two_scales=pow2)
@@ -103,7 +102,7 @@ def test_fp8_finite_tiles_divide_through_the_reciprocal_with_the_same_bits():
     assert bits(quantize_fp8_blockwise(x.to(DEVICE))[0])[0, 0] == 0x80  # -0 stays -0
 
     # Quotients that land on or next to E4M3 midpoints, with scales that are not powers of two: here a
-    # quotient one float32 ulp off changes the code, as multiplying by 1/s without the correction would.
+    # quotient one float32 ulp off changes the code, as multiplying by 1/s instead of dividing would.
     from companion.formats import get_format
 
     e4m3 = get_format("fp8_e4m3")

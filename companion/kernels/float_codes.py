@@ -32,19 +32,6 @@ from companion import runtime
 # tests check the two paths give the same bits on every float32 exponent.
 HARDWARE_E4M3 = tl.constexpr(not runtime.INTERPRET)
 
-# Dividing by a block's scale is done with its reciprocal and two FMAs (see divide_by_reciprocal). On
-# the GPU an FMA rounds once; so does the interpreter's since triton 3.9, and older interpreters, whose
-# fma rounds twice, divide instead.
-try:
-    from triton._C.libtriton import interpreter as _interpreter
-
-    _EXACT_FMA = not runtime.INTERPRET or hasattr(_interpreter, "fma_fp32")
-except ImportError:  # no interpreter module: compiled only
-    _EXACT_FMA = not runtime.INTERPRET
-RECIPROCAL_DIVISION = tl.constexpr(_EXACT_FMA)
-# Below this scale the reciprocal or the residual could leave float32's normal range: divide instead.
-SMALLEST_FAST_SCALE = tl.constexpr(2.0 ** -60)
-
 
 @triton.jit
 def round_to_code(
@@ -107,8 +94,8 @@ def to_e5m2(y):
 def to_e2m1(y):
     """float32 -> FP4 E2M1 codes, nearest-even, saturating at +-6 (Inf too); no NaN: callers keep NaN out.
 
-    :func:`round_to_code` would spend about fifteen instructions per element; one float addition does
-    the rounding here. E2M1's step is 0.5 below 2, 1 in [2, 4) and 2 in [4, 8): ``2^(e - 1)`` with
+    The FPU does the rounding, with one float addition (about ten instructions per element in all
+    when compiled for Hopper, a few fewer than :func:`round_to_code`'s integer rounding). E2M1's step is 0.5 below 2, 1 in [2, 4) and 2 in [4, 8): ``2^(e - 1)`` with
     ``e = floor(log2 |y|)`` clamped to [0, 3]. Adding ``magic = 1.5 * 2^(22 + e)`` puts ``|y|`` in a
     binade whose float32 spacing is exactly that step, so the FPU's own nearest-even rounding of the
     sum rounds ``|y|`` to a whole number of steps ``n``, read off as the sum's bits minus magic's
@@ -132,30 +119,6 @@ def to_e4m3_stochastic(y, rand):
 @triton.jit
 def to_e2m1_stochastic(y, rand):
     return round_to_code(y, rand, 4, 1, 1, 2.0, 0x7, -1, True)
-
-
-@triton.jit
-def divide_by_reciprocal(
-    x,  # float32 values, finite
-    s,  # float32 divisors, broadcastable to x, each >= SMALLEST_FAST_SCALE
-    r,  # RN(1 / s), of s's shape: one correctly rounded division per block, not per element
-):
-    """``x / s`` rounded once to nearest-even, exactly as an IEEE division rounds it, in three
-    instructions per element instead of a division's dozen.
-
-    ``q = RN(x r)`` is within one ulp of ``x / s``; the FMA gives the residual ``e = q s - x`` exactly;
-    and ``RN(q - e r)``, one more FMA, is the correctly rounded quotient (Markstein's theorem, IBM J.
-    Res. Dev. 34(1), 1990), which holds while ``r``, ``q`` and ``e`` stay in float32's normal range
-    where it matters: hence finite ``x`` and ``s >= 2^-60``, which callers check per tile, dividing
-    otherwise. The residual is taken as ``q s - x`` rather than ``x - q s`` so that ``x = -0`` gives
-    ``-0 - (+0) = -0``, not ``+0``. Under an interpreter whose FMA rounds twice, this divides.
-    """
-    if RECIPROCAL_DIVISION:
-        q = x * r
-        y = tl.fma(-tl.fma(q, s, -x), r, q)
-    else:
-        y = tl.math.div_rn(x, s)
-    return y
 
 
 @triton.jit

@@ -16,10 +16,8 @@ which is what :func:`companion.scaling.quantize` defines for ``fp8_e4m3`` with `
 or ``per_tile(128, 128)`` and fp32 scales, where it computes in float64 (the tests show the bits
 agree). ``fp8_blockwise_reference`` states the float32 arithmetic directly; it is also the
 definition of the power-of-two variant, which ``companion.scaling`` does not have (its e8m0 scales
-round to nearest, not up). The scale's division uses ``tl.math.div_rn`` (Triton's ``/`` on float32 may
-compile to an approximate division); the elements' ``x / s`` is
-:func:`companion.kernels.float_codes.divide_by_reciprocal` in tiles of finite, not tiny numbers: the
-same correctly rounded quotient from a reciprocal per block and two FMAs per element.
+round to nearest, not up). Divisions use ``tl.math.div_rn``: Triton's ``/`` on float32 may compile
+to an approximate division.
 """
 from __future__ import annotations
 
@@ -30,9 +28,7 @@ import triton.language as tl
 
 from companion import runtime
 from companion.formats import get_format
-from companion.kernels.float_codes import (
-    SMALLEST_FAST_SCALE, divide_by_reciprocal, load_tile_fp32, tile_random_bits, to_e4m3, to_e4m3_stochastic,
-)
+from companion.kernels.float_codes import load_tile_fp32, tile_random_bits, to_e4m3, to_e4m3_stochastic
 
 INPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 TILES = ((1, 128), (128, 128))
@@ -46,38 +42,6 @@ ROW_BLOCK_CONFIG = (8, 512, 4)
 # and 16 warps is best on an H200 (8192^2 bf16: 2.93 TB/s; 32 warps 1.97; two tiles with 16 or 32 warps
 # 2.17 and 2.29; four tiles 1.85).
 TILE_CONFIG = (128, 128, 16)
-
-
-@triton.jit
-def _block_amax(magnitude, TILE_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, NB: tl.constexpr):
-    """int32 patterns of |x|, (BLOCK_M, NB * 128) -> their maxima per 1 x 128 block (BLOCK_M, NB), or per
-    128 x 128 tile (NB,)."""
-    amax_bits = tl.max(tl.reshape(magnitude, (BLOCK_M, NB, 128)), axis=2)
-    if TILE_ROWS == 128:
-        amax_bits = tl.max(amax_bits, axis=0)
-    return amax_bits
-
-
-@triton.jit
-def _block_scale(amax_bits, POW2: tl.constexpr):
-    """Bit patterns of the blocks' finite amax -> float32 scales, as the module docstring states."""
-    s_bits = tl.math.div_rn(amax_bits.to(tl.float32, bitcast=True), 448.0).to(tl.int32, bitcast=True)
-    s_bits = tl.maximum(s_bits, 1)  # at least 2^-149
-    if POW2:
-        rounded_up = (s_bits + 0x7FFFFF) & 0x7F800000
-        s_bits = tl.where(s_bits < 0x00800000, 0x00800000, rounded_up)
-    s_bits = tl.where(amax_bits == 0, 0x3F800000, s_bits)  # empty block: scale 1
-    return s_bits.to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _per_element(block_values, TILE_ROWS: tl.constexpr):
-    """Per-block values -> broadcastable against the (BLOCK_M, NB, 128) view of the tile."""
-    if TILE_ROWS == 1:
-        out = block_values[:, :, None]
-    else:
-        out = block_values[None, :, None]
-    return out
 
 
 @triton.jit
@@ -102,27 +66,29 @@ def _fp8_blockwise_kernel(
     cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     x = load_tile_fp32(x_ptr, rows, cols, M, K, stride_xm, stride_xk)  # (BLOCK_M, BLOCK_K)
 
-    # Block maxima as maxima of bit patterns (order-preserving for non-negative floats). Most tiles hold
-    # finite numbers of ordinary size: their maxima need no filtering and their divisions can go through
-    # the blocks' reciprocals. A tile with NaN, Inf or a tiny block takes the general path, which gives
-    # the same bits.
+    # amax over finite elements, as a max of bit patterns (order-preserving for non-negative floats)
     magnitude = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
-    x3 = tl.reshape(x, (BLOCK_M, NB, 128))
-    amax_bits = _block_amax(magnitude, TILE_ROWS, BLOCK_M, NB)
-    s = _block_scale(amax_bits, POW2)
-    if (tl.max(amax_bits) < 0x7F800000) & (tl.min(s) >= SMALLEST_FAST_SCALE):
-        r = tl.math.div_rn(tl.full(s.shape, 1.0, tl.float32), s)  # one division per block
-        y = divide_by_reciprocal(x3, _per_element(s, TILE_ROWS), _per_element(r, TILE_ROWS))
-    else:
-        amax_bits = _block_amax(tl.where(magnitude < 0x7F800000, magnitude, 0), TILE_ROWS, BLOCK_M, NB)  # finite only
-        s = _block_scale(amax_bits, POW2)
-        y = tl.math.div_rn(x3, _per_element(s, TILE_ROWS))
+    finite = tl.where(magnitude < 0x7F800000, magnitude, 0)
+    amax_bits = tl.max(tl.reshape(finite, (BLOCK_M, NB, 128)), axis=2)  # (BLOCK_M, NB): per row block
+    if TILE_ROWS == 128:
+        amax_bits = tl.max(amax_bits, axis=0)  # (NB,): per 128 x 128 tile
+    amax = amax_bits.to(tl.float32, bitcast=True)
+
+    s_bits = tl.math.div_rn(amax, 448.0).to(tl.int32, bitcast=True)
+    s_bits = tl.maximum(s_bits, 1)  # at least 2^-149
+    if POW2:
+        rounded_up = (s_bits + 0x7FFFFF) & 0x7F800000
+        s_bits = tl.where(s_bits < 0x00800000, 0x00800000, rounded_up)
+    s_bits = tl.where(amax_bits == 0, 0x3F800000, s_bits)  # empty block: scale 1
+    s = s_bits.to(tl.float32, bitcast=True)
 
     blocks = pid_k * NB + tl.arange(0, NB)
     if TILE_ROWS == 1:
+        y = tl.math.div_rn(tl.reshape(x, (BLOCK_M, NB, 128)), s[:, :, None])
         tl.store(scales_ptr + rows[:, None].to(tl.int64) * n_scale_cols + blocks[None, :], s,
                  mask=(rows[:, None] < M) & (blocks[None, :] < n_scale_cols))
     else:
+        y = tl.math.div_rn(tl.reshape(x, (BLOCK_M, NB, 128)), s[None, :, None])
         tl.store(scales_ptr + pid_m * n_scale_cols + blocks, s, mask=blocks < n_scale_cols)
     y = tl.reshape(y, (BLOCK_M, BLOCK_K))
     c_offsets = rows[:, None].to(tl.int64) * K + cols[None, :]

@@ -26,15 +26,12 @@ import triton.language as tl
 
 from companion import runtime
 from companion.formats import get_format
-from companion.kernels.float_codes import (
-    SMALLEST_FAST_SCALE, divide_by_reciprocal, from_e4m3, load_tile_fp32, tile_random_bits, to_e2m1, to_e2m1_stochastic, to_e4m3,
-)
+from companion.kernels.float_codes import load_tile_fp32, tile_random_bits, from_e4m3, to_e2m1, to_e2m1_stochastic, to_e4m3
 from companion.kernels.fp8_blockwise import check_rounding
 from companion.mx import pack_fp4
 
 INPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 TENSOR_SCALE_DIVISOR = 2688.0  # E4M3 max * E2M1 max
-CONFIG = (16, 256, 4)  # (BLOCK_M, BLOCK_K, num_warps) of the quantize pass, from a sweep on an H200
 
 
 @triton.jit
@@ -83,12 +80,7 @@ def _nvfp4_kernel(
     s_block = tl.where(special, 0.0, from_e4m3(sb_code))
     scale = s_block * s_t
     live = scale > 0
-    divisor = tl.where(live, scale, 1.0)
-    if tl.min(divisor) >= SMALLEST_FAST_SCALE:  # NaN/Inf only in dead blocks, whose codes are zeroed below
-        r = tl.math.div_rn(tl.full(divisor.shape, 1.0, tl.float32), divisor)  # one division per block
-        v = divide_by_reciprocal(x3, divisor[:, :, None], r[:, :, None])
-    else:
-        v = tl.math.div_rn(x3, divisor[:, :, None])
+    v = tl.math.div_rn(x3, tl.where(live, scale, 1.0)[:, :, None])
     if STOCHASTIC:
         rand = tl.reshape(tile_random_bits(seed, offset, rows, tl.program_id(1) * BLOCK_K, K, BLOCK_M, BLOCK_K),
                           (BLOCK_M, NB, 16))
@@ -142,14 +134,14 @@ def quantize_nvfp4_kernel(x: torch.Tensor, global_amax=None, rounding: str = "ne
     else:
         amax_bits = torch.zeros(1, dtype=torch.int32, device=dev)
     if x.numel():
-        block_m, block_k, warps = CONFIG
+        block_m, block_k = 16, 256  # from a sweep on an H200
         grid = (triton.cdiv(M, block_m), triton.cdiv(Kp, block_k))
         if global_amax is None:
             _amax_kernel[(triton.cdiv(M, 128), triton.cdiv(K, 256))](
                 x, amax_bits, M, K, x.stride(0), x.stride(1), BLOCK_M=128, BLOCK_K=256, num_warps=4)
         _nvfp4_kernel[grid](x, codes, block_scales, tensor_scale, amax_bits, M, K, Kp,
                             x.stride(0), x.stride(1), BLOCK_M=block_m, BLOCK_K=block_k,
-                            seed=int(seed), offset=int(offset), STOCHASTIC=stochastic, num_warps=warps)
+                            seed=int(seed), offset=int(offset), STOCHASTIC=stochastic, num_warps=4)
     fp4 = getattr(torch, "float4_e2m1fn_x2", torch.uint8)
     return codes.view(fp4), block_scales.view(torch.float8_e4m3fn), tensor_scale
 
