@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from companion import mx, runtime, scaling
+from companion.formats import get_format
 from companion.kernels import (
     dequantize_fp8_blockwise, dequantize_mx, dequantize_nvfp4, fp8_blockwise_reference, nvfp4_reference,
     quantize_fp8_blockwise, quantize_mx_rows, quantize_mx_rows_and_columns, quantize_nvfp4_kernel,
@@ -87,38 +88,6 @@ def test_e2m1_rounding_table_by_hand():
     assert got.tolist() == [c for _, c in table]
 
 
-def test_fp8_signed_zeros_subnormals_huge_values_and_quotients_at_midpoints():
-    """-0 and float32 subnormals inside ordinary blocks, values near float32's largest, a block of tiny
-    numbers, and quotients that land on E4M3 midpoints keep the reference's bits."""
-    g = torch.Generator().manual_seed(21)
-    x = torch.randn(8, 512, generator=g) * torch.exp2(torch.randint(-30, 30, (8, 4), generator=g).float()).repeat_interleave(128, 1)
-    x[0, :5] = torch.tensor([-0.0, 0.0, -1e-42, 1e-45, -3e-39])   # signed zeros and subnormals beside normal numbers
-    x[1, :128] = 3.0e38 * torch.rand(128, generator=g)             # near float32's largest
-    x[5, 384:512] = 1e-30 * torch.randn(128, generator=g)          # a tiny block
-    for tile in [(1, 128), (128, 128)]:
-        for pow2 in (False, True):
-            got = quantize_fp8_blockwise(x.to(DEVICE), tile, power_of_two_scales=pow2)
-            assert_same_bits(got, fp8_blockwise_reference(x, tile, pow2))
-    assert bits(quantize_fp8_blockwise(x.to(DEVICE))[0])[0, 0] == 0x80  # -0 stays -0
-
-    # Quotients that land on or next to E4M3 midpoints, with scales that are not powers of two: here a
-    # quotient one float32 ulp off changes the code, as multiplying by 1/s instead of dividing would.
-    from companion.formats import get_format
-
-    e4m3 = get_format("fp8_e4m3")
-    values = np.unique(np.abs(e4m3.values()[np.isfinite(e4m3.values())]))
-    mids = ((values[:-1] + values[1:]) / 2).astype(np.float32)
-    rng = np.random.default_rng(4)
-    amax = (np.float32(448) * (1 + rng.random(64))).astype(np.float32)  # one block per row
-    s = amax / np.float32(448)
-    y = (rng.choice(mids[mids > 2**-6], (64, 128)).astype(np.float32) * s[:, None]).astype(np.float32)
-    y[:, 0] = amax
-    uncorrected = e4m3.encode(y * (np.float32(1) / s)[:, None], saturate=True)
-    assert (uncorrected != e4m3.encode(y / s[:, None], saturate=True)).sum() > 500  # the case has teeth
-    y = torch.from_numpy(y)
-    assert_same_bits(quantize_fp8_blockwise(y.to(DEVICE)), fp8_blockwise_reference(y))
-
-
 # ---------------------------------------------------------------- FP8 blockwise (DeepSeek-V3)
 
 @pytest.mark.parametrize("tile", [(1, 128), (128, 128)])
@@ -148,6 +117,36 @@ def test_fp8_reference_equals_companion_scaling(tile):
         qt = scaling.quantize(x, "fp8_e4m3", scaling.per_tile(*tile), pad=True)
         assert np.array_equal(bits(codes).numpy(), qt.codes.astype(np.uint8))
         assert np.array_equal(scales.numpy().astype(np.float64), qt.scales)
+
+
+def test_fp8_signed_zeros_subnormals_huge_values_and_quotients_at_midpoints():
+    """-0 and float32 subnormals inside ordinary blocks, values near float32's largest, a block of tiny
+    numbers, and quotients that land on E4M3 midpoints keep the reference's bits."""
+    g = torch.Generator().manual_seed(21)
+    x = torch.randn(8, 512, generator=g) * torch.exp2(torch.randint(-30, 30, (8, 4), generator=g).float()).repeat_interleave(128, 1)
+    x[0, :5] = torch.tensor([-0.0, 0.0, -1e-42, 1e-45, -3e-39])   # signed zeros and subnormals beside normal numbers
+    x[1, :128] = 3.0e38 * torch.rand(128, generator=g)             # near float32's largest
+    x[5, 384:512] = 1e-30 * torch.randn(128, generator=g)          # a tiny block
+    for tile in [(1, 128), (128, 128)]:
+        for pow2 in (False, True):
+            got = quantize_fp8_blockwise(x.to(DEVICE), tile, power_of_two_scales=pow2)
+            assert_same_bits(got, fp8_blockwise_reference(x, tile, pow2))
+    assert bits(quantize_fp8_blockwise(x.to(DEVICE))[0])[0, 0] == 0x80  # -0 stays -0
+
+    # Quotients that land on or next to E4M3 midpoints, with scales that are not powers of two: here a
+    # quotient one float32 ulp off changes the code, as multiplying by 1/s instead of dividing would.
+    e4m3 = get_format("fp8_e4m3")
+    values = np.unique(np.abs(e4m3.values()[np.isfinite(e4m3.values())]))
+    mids = ((values[:-1] + values[1:]) / 2).astype(np.float32)
+    rng = np.random.default_rng(4)
+    amax = (np.float32(448) * (1 + rng.random(64))).astype(np.float32)  # one block per row
+    s = amax / np.float32(448)
+    y = (rng.choice(mids[mids > 2**-6], (64, 128)).astype(np.float32) * s[:, None]).astype(np.float32)
+    y[:, 0] = amax
+    uncorrected = e4m3.encode(y * (np.float32(1) / s)[:, None], saturate=True)
+    assert (uncorrected != e4m3.encode(y / s[:, None], saturate=True)).sum() > 500  # the case has teeth
+    y = torch.from_numpy(y)
+    assert_same_bits(quantize_fp8_blockwise(y.to(DEVICE)), fp8_blockwise_reference(y))
 
 
 def test_fp8_blockwise_non_contiguous_and_dequantize():
@@ -344,8 +343,6 @@ def _neighbour_check(codes, exact, fmt, rows):
 
 
 def test_fp8_stochastic_rounding_is_adjacent_unbiased_and_reproducible():
-    from companion.formats import get_format
-
     rows = 512
     x = _stochastic_case(rows)
     xd = x.to(DEVICE)
@@ -362,8 +359,6 @@ def test_fp8_stochastic_rounding_is_adjacent_unbiased_and_reproducible():
 
 
 def test_nvfp4_stochastic_rounding_is_adjacent_unbiased_and_reproducible():
-    from companion.formats import get_format
-
     rows = 512
     x = _stochastic_case(rows, seed=5)[:, :64] * 3.0
     xd = x.to(DEVICE)
