@@ -322,7 +322,12 @@ def _stochastic_case(rows=512, seed=3):
 
 
 def _neighbour_check(codes, exact, fmt, rows):
-    """Every code is one of the two neighbours of `exact`; the mean over rows is `exact` (5 sigma)."""
+    """Every code is one of the two neighbours of `exact`; the mean over rows is `exact`.
+
+    The number of rows that round up is Binomial(rows, p). Bernstein's inequality bounds its deviation
+    from rows * p by sqrt(2 v L) + 2L/3 (v = rows p (1 - p), L = ln(2 / 1e-6)) except with probability
+    1e-6 per column, for every p: a plain 5-sigma bound is not one for p so small that a single
+    round-up among the rows is already many sigmas."""
     lower = fmt.encode(exact, rounding="toward_zero", saturate=True).astype(np.int64)
     got = codes.astype(np.int64)
     sign = 1 << (fmt.bits - 1)
@@ -337,7 +342,8 @@ def _neighbour_check(codes, exact, fmt, rows):
     gap = np.where(exact_hit[0] | ~inside, 0.0, high_v - low_v)
     p = np.where(gap > 0, (np.abs(exact[0]) - low_v) / np.where(gap > 0, gap, 1), 0.0)
     mean = np.abs(fmt.decode(codes)).mean(axis=0)
-    bound = 5 * np.sqrt(p * (1 - p) / rows) * gap + 1e-12
+    log_term = np.log(2 / 1e-6)
+    bound = (np.sqrt(2 * rows * p * (1 - p) * log_term) + 2 * log_term / 3) / rows * gap + 1e-12
     assert (np.abs(mean - np.abs(exact[0])) <= bound)[inside].all()
     assert (0 < p[inside & ~exact_hit[0]]).all()  # the case is not degenerate: real coin flips
 

@@ -36,7 +36,7 @@ HARDWARE_E4M3 = tl.constexpr(not runtime.INTERPRET)
 @triton.jit
 def round_to_code(
     y,  # float32 values to round
-    rand,  # uint32 random bits, one per value (used only when STOCHASTIC)
+    rand,  # int32 random numbers in [0, 2^16), one per value (used only when STOCHASTIC)
     BITS: tl.constexpr,  # width of the code (8 or 4); its top bit is the sign
     MAN_BITS: tl.constexpr,  # mantissa bits M of the target
     BIAS: tl.constexpr,  # exponent bias B of the target
@@ -48,11 +48,13 @@ def round_to_code(
     """float32 -> int32 codes of a 1.E.M format, saturating, NaN to NAN_CODE.
 
     Nearest-even as described in the module docstring. Stochastic: |y| rounds up with probability
-    equal to its distance above the lower neighbour divided by the gap, so the expected value is y.
-    For normal targets the 23 - M bits that nearest-even rounding would drop are compared with as many
-    random bits (adding them and truncating carries with exactly that probability); for subnormal
-    targets the fraction of |y| / min_subnormal (exact in float32) is compared with a 24-bit uniform
-    number, unbiased to within 2^-24 of a step.
+    equal to its distance above the lower neighbour divided by the gap, so the expected value is y,
+    to within 2^-16 of a step: the distance is read to 16 bits and a 16-bit random number is added to
+    it, a carry out of those 16 bits rounding up. For normal targets those are the top 16 of the
+    23 - M bits that nearest-even rounding would drop. For subnormal targets they are the fraction of
+    |y| / min_subnormal, which adding 128 in float32 puts at the bottom of the sum's mantissa (ulp
+    2^-16 in [128, 256)), so integer arithmetic does the rest; no float-to-integer conversions, which
+    issue at a quarter of the rate of integer instructions on the GPU.
     """
     bits = y.to(tl.int32, bitcast=True)
     sign = (bits >> 31) & 1
@@ -61,10 +63,9 @@ def round_to_code(
     rebased = mag - ((127 - BIAS) << 23)
     q = tl.abs(y) * SUB_SCALE  # exact: a power of two, and only used below the normal range
     if STOCHASTIC:
-        normal = (rebased + (rand >> (32 - SHIFT)).to(tl.int32)) >> SHIFT
-        lower = tl.floor(q)
-        uniform = (rand >> 8).to(tl.float32) * 5.9604644775390625e-08  # 2^-24
-        subnormal = lower.to(tl.int32) + (uniform < q - lower).to(tl.int32)
+        normal = (rebased + (rand << (SHIFT - 16))) >> SHIFT
+        fixed = (q + 128.0).to(tl.int32, bitcast=True) - 0x43000000  # q * 2^16 for q < 128 (128 = 0x43000000)
+        subnormal = (fixed + rand) >> 16
     else:
         normal = (rebased + ((1 << (SHIFT - 1)) - 1) + ((rebased >> SHIFT) & 1)) >> SHIFT
         subnormal = (q + 8388608.0).to(tl.int32, bitcast=True) - 0x4B000000
@@ -208,11 +209,14 @@ def load_tile_fp32(x_ptr, rows, cols, M, K, stride_xm, stride_xk):
 
 @triton.jit
 def tile_random_bits(seed, offset, rows, col_start, K, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """uint32 random bits for a (BLOCK_M, BLOCK_K) tile starting at column ``col_start`` (a multiple
-    of 4): one Philox call per 4 consecutive columns of a row (counter = row * ceil(K / 4) + column / 4,
-    plus ``offset``, modulo 2^32), its four outputs spread over those columns."""
-    groups = col_start // 4 + tl.arange(0, BLOCK_K // 4)
-    counter = rows[:, None].to(tl.int64) * ((K + 3) // 4) + groups[None, :]
+    """int32 random numbers in [0, 2^16) for a (BLOCK_M, BLOCK_K) tile starting at column ``col_start``
+    (a multiple of 8): one Philox call per 8 consecutive columns of a row (counter = row * ceil(K / 8)
+    + column / 8, plus ``offset``, modulo 2^32); its four 32-bit outputs, halved, go to those columns
+    in order, low half first. Sixteen bits per element make the rounding unbiased to within 2^-16 of
+    a step, and halve the Philox calls, the costliest part of stochastic rounding."""
+    groups = col_start // 8 + tl.arange(0, BLOCK_K // 8)
+    counter = rows[:, None].to(tl.int64) * ((K + 7) // 8) + groups[None, :]
     r0, r1, r2, r3 = tl.randint4x(seed, (counter + offset).to(tl.int32))
-    r = tl.join(tl.join(r0, r1), tl.join(r2, r3))  # (BLOCK_M, BLOCK_K / 4, 2, 2)
-    return tl.reshape(r, (BLOCK_M, BLOCK_K)).to(tl.uint32, bitcast=True)
+    r = tl.join(tl.join(r0, r1), tl.join(r2, r3)).to(tl.int32, bitcast=True)  # (BLOCK_M, BLOCK_K / 8, 2, 2)
+    r = tl.join(r & 0xFFFF, (r >> 16) & 0xFFFF)  # (BLOCK_M, BLOCK_K / 8, 2, 2, 2): low half, then high
+    return tl.reshape(r, (BLOCK_M, BLOCK_K))

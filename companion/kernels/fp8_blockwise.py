@@ -36,8 +36,9 @@ E4M3_MAX = 448.0
 # (BLOCK_M, BLOCK_K, num_warps) for 1 x 128 blocks: a program quantizes BLOCK_K / 128 blocks of each of
 # its rows. Wide rows read longer contiguous runs: on an H200, bf16 8192 x 8192 (16384 x 16384), in TB/s,
 # 32 x 128 3.29 (3.60), 16 x 256 3.36 (3.69), 8 x 512 3.43 (3.72), 4 x 1024 3.47 (3.71); 8 warps and
-# 2 x 2048 were slower. Copy of the same bytes: 3.81 (4.16).
-ROW_BLOCK_CONFIG = (8, 512, 4)
+# 2 x 2048 were slower. Copy of the same bytes: 3.81 (4.16). A later sweep with two warps, as fractions
+# of the 1 GiB copy rate in one run: 2 x 1024 0.84, 4 x 512 0.84, against 0.82 for 8 x 512 with four.
+ROW_BLOCK_CONFIG = (2, 1024, 2)
 # (128, BLOCK_K, num_warps) for 128 x 128 tiles: BLOCK_K / 128 tiles side by side per program. One tile
 # and 16 warps is best on an H200 (8192^2 bf16: 2.93 TB/s; 32 warps 1.97; two tiles with 16 or 32 warps
 # 2.17 and 2.29; four tiles 1.85).

@@ -32,6 +32,9 @@ from companion.mx import pack_fp4
 
 INPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 TENSOR_SCALE_DIVISOR = 2688.0  # E4M3 max * E2M1 max
+# (BLOCK_M, BLOCK_K, num_warps) of the two passes, from sweeps on an H200 (8192 x 8192 bf16).
+CONFIG = (16, 256, 4)
+AMAX_CONFIG = (128, 256, 4)
 
 
 @triton.jit
@@ -134,14 +137,15 @@ def quantize_nvfp4_kernel(x: torch.Tensor, global_amax=None, rounding: str = "ne
     else:
         amax_bits = torch.zeros(1, dtype=torch.int32, device=dev)
     if x.numel():
-        block_m, block_k = 16, 256  # from a sweep on an H200
-        grid = (triton.cdiv(M, block_m), triton.cdiv(Kp, block_k))
         if global_amax is None:
-            _amax_kernel[(triton.cdiv(M, 128), triton.cdiv(K, 256))](
-                x, amax_bits, M, K, x.stride(0), x.stride(1), BLOCK_M=128, BLOCK_K=256, num_warps=4)
-        _nvfp4_kernel[grid](x, codes, block_scales, tensor_scale, amax_bits, M, K, Kp,
-                            x.stride(0), x.stride(1), BLOCK_M=block_m, BLOCK_K=block_k,
-                            seed=int(seed), offset=int(offset), STOCHASTIC=stochastic, num_warps=4)
+            am, ak, aw = AMAX_CONFIG
+            _amax_kernel[(triton.cdiv(M, am), triton.cdiv(K, ak))](
+                x, amax_bits, M, K, x.stride(0), x.stride(1), BLOCK_M=am, BLOCK_K=ak, num_warps=aw)
+        block_m, block_k, warps = CONFIG
+        _nvfp4_kernel[(triton.cdiv(M, block_m), triton.cdiv(Kp, block_k))](
+            x, codes, block_scales, tensor_scale, amax_bits, M, K, Kp, x.stride(0), x.stride(1),
+            BLOCK_M=block_m, BLOCK_K=block_k, seed=int(seed), offset=int(offset), STOCHASTIC=stochastic,
+            num_warps=warps)
     fp4 = getattr(torch, "float4_e2m1fn_x2", torch.uint8)
     return codes.view(fp4), block_scales.view(torch.float8_e4m3fn), tensor_scale
 
