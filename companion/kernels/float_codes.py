@@ -98,12 +98,12 @@ def to_e2m1(y):
     The FPU does the rounding, with one float addition (about ten instructions per element in all
     when compiled for Hopper, a few fewer than :func:`round_to_code`'s integer rounding). E2M1's step
     is 0.5 below 2, 1 in [2, 4) and 2 in [4, 8): ``2^(e - 1)`` with ``e = floor(log2 |y|)`` clamped to
-    [0, 3]. Adding ``magic = 1.5 * 2^(22 + e)`` puts ``|y|`` in a
-    binade whose float32 spacing is exactly that step, so the FPU's own nearest-even rounding of the
-    sum rounds ``|y|`` to a whole number of steps ``n``, read off as the sum's bits minus magic's
-    (the 1.5 keeps the sum inside magic's binade). Counting codes from zero, ``n`` steps of binade ``e``
-    are code ``n + 2e``; ties go to the even ``n``, which is the even code. Beyond 8, or for Inf, the
-    count only grows and the code saturates at 7.
+    [0, 3]. Adding ``magic = 1.5 * 2^(22 + e)`` puts ``|y|`` in a binade whose float32 spacing is
+    exactly that step, so the FPU's own nearest-even rounding of the sum rounds ``|y|`` to a whole
+    number of steps ``n``, read off as the sum's bits minus magic's (the 1.5 keeps the sum inside
+    magic's binade). Counting codes from zero, ``n`` steps of binade ``e`` are code ``n + 2e``; ties go
+    to the even ``n``, which is the even code. Beyond 8, or for Inf, the count only grows and the code
+    saturates at 7.
     """
     bits = y.to(tl.int32, bitcast=True)
     binade = tl.minimum(tl.maximum(bits & 0x7F800000, 0x3F800000), 0x41000000)  # 2^e, e in [0, 3]
