@@ -26,9 +26,11 @@ DEVICE = runtime.kernel_device()
 TENSOR_CORE_FP8_U = 2.0 ** -13 if runtime.MODE == "compiled" else 2.0 ** -24
 # (M, N, K): 1 x 1, tails in every dimension (K not a multiple of 128 or 32), tall and skinny.
 FP8_SHAPES = [(1, 1, 16), (16, 16, 128), (17, 33, 300), (5, 130, 144), (48, 16, 272)]
-FP4_SHAPES = [(1, 16, 64), (3, 40, 100), (17, 33, 96), (16, 1, 32), (2, 5, 16), (8, 20, 200)]
+FP4_SHAPES = [(1, 16, 64), (1, 37, 224), (1, 8, 48), (3, 40, 100), (17, 33, 96), (16, 1, 32), (2, 5, 16),
+              (8, 20, 200)]
 GPU_FP8_SHAPES = [(256, 384, 1024), (1000, 777, 1040), (4096, 512, 4096)]
-GPU_FP4_SHAPES = [(1, 8192, 8192), (16, 4096, 4096), (7, 1000, 1000), (300, 512, 2048)]
+GPU_FP4_SHAPES = [(1, 8192, 8192), (1, 1000, 4128), (12, 777, 4128), (16, 4096, 4096), (7, 1000, 1000),
+                  (300, 512, 2048)]
 
 
 def assert_within(got, exact, bound):
@@ -178,6 +180,22 @@ def test_w4a16_bf16_output_and_strided_activations(fmt):
     check_w4a16(5, 24, 64, fmt, seed=3, x_transform=lambda t: torch.cat([t, t], 1)[:, :64])
 
 
+@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
+def test_gemv_reads_weight_views(fmt):
+    """Compiled, M <= 16 reads the codes as 32-bit words: codes whose rows are not 4-byte aligned (a
+    row stride of 34 bytes) are copied first, a slice of the first blocks of wider rows is read in
+    place, and both give what the contiguous codes give."""
+    codes, scales, ts, _ = fp4_weights(24, 128, 4, fmt)
+    x = torch.randn(1, 64, generator=torch.Generator().manual_seed(5)).bfloat16().to(DEVICE)
+    blocks = 64 // (32 if fmt == "mxfp4" else 16)
+    want = w4a16_matmul(x, codes[:, :32].contiguous(), scales[:, :blocks].contiguous(), format=fmt, tensor_scale=ts)
+    padded = torch.zeros(24, 34, dtype=torch.uint8, device=DEVICE)
+    padded[:, :32] = codes.view(torch.uint8)[:, :32]
+    for view in (codes[:, :32], padded[:, :32]):
+        got = w4a16_matmul(x, view, scales[:, :blocks], format=fmt, tensor_scale=ts)
+        assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("M,N,K", FP4_SHAPES)
 def test_mxfp4_dot_scaled_within_bound(M, N, K):
     codes_b, scales_b, _, B = fp4_weights(N, K, 10, "mxfp4")
@@ -186,11 +204,11 @@ def test_mxfp4_dot_scaled_within_bound(M, N, K):
     assert_within(c, matmul_reference(A, B), gemm_error_bound(A, B, torch.float32))
 
 
-@pytest.mark.parametrize("rows", [1, 16, 32], ids=["gemv", "decode", "large_m"])
+@pytest.mark.parametrize("rows", [1, 9, 16, 32], ids=["one", "nine", "sixteen", "large_m"])
 def test_fp4_decoding_covers_every_code(rows):
     """Each of the 16 E2M1 codes, with scales from tiny to large (a float32 subnormal 2^-127 result
-    included): the three W4A16 paths (M <= GEMV_MAX_M on the CUDA cores, M <= 16 the decode kernels,
-    and M > 16) decode them exactly."""
+    included): the W4A16 paths (compiled, M <= 16 the MMA kernel, with one or two tiles of 8 activation
+    rows; interpreted, the decode kernels; and M > 16) decode them exactly."""
     from companion.mx import pack_fp4
 
     codes = torch.arange(16, dtype=torch.uint8).repeat(4, 2)  # (4, 32): every code twice per row

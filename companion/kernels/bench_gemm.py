@@ -57,7 +57,7 @@ def _decode(median_ms, copy_bytes_per_s):
     import torch
 
     from companion.kernels import quantize_mx_rows, quantize_nvfp4_kernel
-    from companion.kernels.fp4_gemm import w4a16_matmul
+    from companion.kernels.fp4_gemm import DECODE_CONFIG, w4a16_matmul
 
     N, K = DECODE_N, DECODE_K
     # COPIES different weight matrices, used in turn: when a call comes round to a matrix again, more
@@ -75,7 +75,13 @@ def _decode(median_ms, copy_bytes_per_s):
             "mxfp4": [lambda q=q: w4a16_matmul(x, *q) for q in mx],
             "nvfp4": [lambda q=q: w4a16_matmul(x, q[0], q[1], format="nvfp4", tensor_scale=q[2]) for q in nv],
         }
-        if M <= 16:  # the large-M NVFP4 kernel at its best decode tiles: decoding bit by bit, X the wide operand
+        if M <= 16:
+            # the tile kernels (Triton's dot_scaled and the NVFP4 decode kernel at their decode tiles),
+            # which the MMA kernel replaces for M <= 16, and the large-M NVFP4 kernel at decode tiles
+            # (decoding bit by bit, X the wide operand)
+            calls["mxfp4_tile_kernel"] = [lambda q=q: w4a16_matmul(x, *q, _config=DECODE_CONFIG["mxfp4"]) for q in mx]
+            calls["nvfp4_tile_kernel"] = [lambda q=q: w4a16_matmul(x, q[0], q[1], format="nvfp4", tensor_scale=q[2],
+                                                                   _config=DECODE_CONFIG["nvfp4"]) for q in nv]
             calls["nvfp4_bitwise_kernel"] = [lambda q=q: _nvfp4_bitwise(x, *q) for q in nv]
         # Replayed as a CUDA graph, as decode loops run in serving: GPU time without the host's launch
         # gaps. Launched one by one from Python (do_bench, L2 flushed before each call), a call of two

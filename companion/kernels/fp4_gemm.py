@@ -16,9 +16,11 @@ Two ways to reach the Tensor Cores:
   and the FP32 tensor scale multiplies the FP32 sum once at the end. For M <= 16 the product is
   computed transposed, C^T = W X^T, so that the decoded weights are the MMA's wide operand.
 
-For a single token (M = 1) the Tensor Cores are skipped: ``_fp4_gemv_kernel`` decodes each weight to
-float32 on the CUDA cores, multiplies it with its activation, sums each scale block in the thread and
-scales the sum once (one multiply-add per weight, no layout change between the load and the sum).
+For decoding (M <= 16) on the GPU, ``_fp4_mma_gemv_kernel`` drives the Tensor Core's warp-level MMA
+from PTX with registers it fills itself: each thread decodes the codes it loaded straight into the
+registers the MMA reads (the K order is permuted so that this is possible, identically for both
+operands), so no decoded weight is moved between threads or through shared memory. Under the
+interpreter, which cannot run PTX, the same shapes take the tile kernels above.
 
 Decoding is exact (every E2M1 x scale product is a bf16 number for scales between 2^-126 and 2^125),
 so the results differ from exact arithmetic only by the FP32 sums on the Tensor Cores and the final
@@ -269,91 +271,209 @@ def _nvfp4_decode_kernel(
     _store_tile(tl.trans(acc), c_ptr, ws_ptr, offs_m, offs_n, M, N, stride_cm, stride_cn, SPLIT_K)
 
 
-# Eight E2M1 codes (one 32-bit register of packed bytes) -> eight float32 values, for the CUDA-core GEMV.
-# The byte-permute lookup of _E2M1_TO_BF16_PTX gives BF16 pairs; a BF16 number is the top half of the
-# float32 of the same value, so each pair becomes two float32 by a shift and a mask. Outputs: $0..$3 the
-# low nibbles of bytes 0..3 (elements 2j), $4..$7 the high nibbles (elements 2j + 1); input $8.
-_E2M1_TO_FP32_PTX = tl.constexpr("""
-{
-.reg .b32 mag, mag_hi, sgn, sgn_lo, sgn_hi, lo0, lo1, hi0, hi1, s0, s1, p0, p1, p2, p3;""" + _E2M1_LOOKUP_PTX.format(src="$8") + """prmt.b32 p0, lo0, hi0, 0x6240;
-prmt.b32 p1, lo1, hi1, 0x6240;
-prmt.b32 p2, lo0, hi0, 0x7351;
-prmt.b32 p3, lo1, hi1, 0x7351;
-shl.b32 $0, p0, 16;
-and.b32 $1, p0, 0xFFFF0000;
-shl.b32 $2, p1, 16;
-and.b32 $3, p1, 0xFFFF0000;
-shl.b32 $4, p2, 16;
-and.b32 $5, p2, 0xFFFF0000;
-shl.b32 $6, p3, 16;
-and.b32 $7, p3, 0xFFFF0000;
-}
+@triton.jit
+def _quarters(t):
+    """(..., 4) -> its four (...) slices 0, 2, 1, 3 (register renaming: the last axis lies in one thread)."""
+    a, b = tl.split(tl.reshape(t, t.shape[:-1] + [2, 2]))  # a: elements 0, 2; b: 1, 3
+    a0, a2 = tl.split(a)
+    b1, b3 = tl.split(b)
+    return a0, a2, b1, b3
+
+
+# The small-M kernel below runs the Tensor Core's warp-level MMA (mma.sync m16n8k16: a 16 x 16 BF16 tile
+# of W times a 16 x 8 tile of X^T, FP32 sums) on registers it fills itself, so that no decoded weight
+# leaves the thread that decoded it. Any permutation of K serves as long as both operands share it, and
+# the one used here puts eight consecutive codes (one 32-bit word) where the MMA wants four BF16 pairs:
+# in thread (g, q) of a warp (g = lane / 4, q = lane % 4), MMA number 2u takes the pairs (e0, e2) and
+# (e4, e6) of word u and MMA 2u + 1 the pairs (e1, e3) and (e5, e7) -- exactly the registers the byte-
+# permute decoder produces -- for rows g and g + 8, and the activations are paired the same way.
+_X_PAIRS_PTX = tl.constexpr("""
+prmt.b32 $0, $4, $5, 0x5410;
+prmt.b32 $1, $6, $7, 0x5410;
+prmt.b32 $2, $4, $5, 0x7632;
+prmt.b32 $3, $6, $7, 0x7632;
 """)
+def _e2m1_mma_ptx(token_tiles):
+    """The decode-and-multiply block of _fp4_mma_gemv_kernel for 8 or 16 activation rows: outputs the
+    4 * token_tiles accumulators, then inputs: the same accumulators, the words of rows g and g + 8,
+    their scales (BF16 pairs), and four activation registers per tile of 8 activation rows."""
+    n = 4 * token_tiles
+    wg, wh, sg, sh = (f"${2 * n + i}" for i in range(4))
+
+    def decode(src, scale, out):
+        return (_E2M1_LOOKUP_PTX.format(src=src)
+                + "".join(f"prmt.b32 {out}{i}, lo{i % 2}, hi{i % 2}, {sel};\n"
+                          for i, sel in enumerate(("0x6240", "0x6240", "0x7351", "0x7351")))
+                + "".join(f"mul.rn.bf16x2 {out}{i}, {out}{i}, {scale};\n" for i in range(4)))
+
+    mma = "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"
+    body = ["{", ".reg .b32 mag, mag_hi, sgn, sgn_lo, sgn_hi, lo0, lo1, hi0, hi1, s0, s1, p0, p1, p2, p3, r0, r1, r2, r3;",
+            decode(wg, sg, "p") + decode(wh, sh, "r")]
+    for t in range(token_tiles):
+        d = ", ".join(f"${4 * t + i}" for i in range(4))
+        c = ", ".join(f"${n + 4 * t + i}" for i in range(4))
+        b = [f"${2 * n + 4 + 4 * t + i}" for i in range(4)]
+        body.append(f"{mma} {{{d}}}, {{p0, r0, p1, r1}}, {{{b[0]}, {b[1]}}}, {{{c}}};")
+        body.append(f"{mma} {{{d}}}, {{p2, r2, p3, r3}}, {{{b[2]}, {b[3]}}}, {{{d}}};")
+    return "\n".join(body + ["}"])
+
+
+_E2M1_MMA_PTX = tl.constexpr(_e2m1_mma_ptx(1))
+_E2M1_MMA16_PTX = tl.constexpr(_e2m1_mma_ptx(2))
 
 
 @triton.jit
-def _e2m1_bytes_to_fp32(w, PTX: tl.constexpr):
-    """uint8 bytes of packed E2M1 -> (value of the low nibble, value of the high nibble), each float32."""
-    if PTX:
-        return tl.inline_asm_elementwise(_E2M1_TO_FP32_PTX, "=r,=r,=r,=r,=r,=r,=r,=r,r", [w],
-                                         dtype=(tl.float32, tl.float32), is_pure=True, pack=4)
+def _x_pairs(x_ptrs, mask):
+    """Four activation pairs of one word's K positions (elements 0..7), regrouped as the MMA pairs them:
+    (0, 2), (4, 6) for the first MMA and (1, 3), (5, 7) for the second."""
+    p0, p2, p1, p3 = _quarters(tl.load(x_ptrs, mask=mask, other=0))
+    return tl.inline_asm_elementwise(_X_PAIRS_PTX, "=r,=r,=r,=r,r,r,r,r", [p0, p1, p2, p3],
+                                     dtype=(tl.int32,) * 4, is_pure=True, pack=1)
+
+
+@triton.jit
+def _mma_gemv_loads(w_ptr, sw_ptr, rows_g, rows_h, seg, seg_hi, K, stride_wn, stride_sn, stride_sk,
+                    NVFP4: tl.constexpr):
+    """This thread's codes and block scales in one segment of 128 codes: 16 bytes (one 32-code chunk)
+    of rows g and g + 8, and the scales of the chunk's blocks as BF16 pairs."""
+    q = tl.arange(0, rows_g.shape[0]) % 4
+    chunk = seg * 4 + q
+    ok = (seg < seg_hi) & (chunk < K // 32)
+    word = (4 * chunk)[:, None] + tl.arange(0, 4)[None, :]  # (T, 4)
+    wg = tl.load(w_ptr + rows_g[:, None] * stride_wn + word, mask=ok[:, None], other=0)
+    wh = tl.load(w_ptr + rows_h[:, None] * stride_wn + word, mask=ok[:, None], other=0)
+    if NVFP4:  # blocks of 16: words 0, 1 and words 2, 3 of the chunk
+        s_g = sw_ptr + rows_g * stride_sn + (2 * chunk) * stride_sk
+        s_h = sw_ptr + rows_h * stride_sn + (2 * chunk) * stride_sk
+        sg0 = tl.load(s_g, mask=ok, other=0)
+        sg1 = tl.load(s_g + stride_sk, mask=ok, other=0)
+        sh0 = tl.load(s_h, mask=ok, other=0)
+        sh1 = tl.load(s_h + stride_sk, mask=ok, other=0)
     else:
-        w = w.to(tl.int32)
-        return _e2m1_value(w & 0xF), _e2m1_value(w >> 4)
+        sg0 = tl.load(sw_ptr + rows_g * stride_sn + chunk * stride_sk, mask=ok, other=0)
+        sh0 = tl.load(sw_ptr + rows_h * stride_sn + chunk * stride_sk, mask=ok, other=0)
+        sg1, sh1 = sg0, sh0
+    return wg, wh, sg0, sg1, sh0, sh1
 
 
 @triton.jit
-def _fp4_gemv_kernel(
-    x_ptr,  # activation pairs: bf16 (M, Kp) read as int32 (M, Kp / 2), element 2j in the low half
-    w_ptr, sw_ptr,  # packed E2M1 (N, Kp/2); block scales (N, Kp/BLOCK) as uint8 (E8M0 or E4M3)
+def _scale_pair(s, NVFP4: tl.constexpr):
+    """uint8 block scales -> BF16 pairs in int32 (exact: E8M0 and E4M3 values are BF16 numbers)."""
+    if NVFP4:
+        v = s.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+    else:
+        v = from_e8m0(s.to(tl.int32))
+    bits = v.to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    return bits | (bits << 16)
+
+
+@triton.jit
+def _fp4_mma_gemv_kernel(
+    x_ptr,  # activation pairs: bf16 (M, Kp) read as int32 (M, Kp / 2), M <= 16
+    w_ptr, sw_ptr,  # packed E2M1 (N, Kp/2) read as int32 words (N, Kp/8); block scales (N, Kp/BLOCK) as uint8
     ts_ptr,  # float32 tensor scale (NVFP4; one element), unused for MXFP4
     c_ptr, ws_ptr,  # C (M, N); float32 partial sums (SPLIT_K, M, N) when K is split
-    M, N, K,  # K counts elements (codes), a multiple of the scale block
+    M, N, K,  # K counts elements (codes), a multiple of 32
     stride_xm, stride_wn, stride_sn, stride_sk, stride_cm, stride_cn,
     NVFP4: tl.constexpr,  # E4M3 scales per 16 and a tensor scale (True) or E8M0 scales per 32 (False)
-    PTX: tl.constexpr,  # compiled for the GPU (False under the interpreter)
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    WARPS: tl.constexpr,  # warps per program (num_warps); they take the K segments of 128 in turn
+    SPLIT_K: tl.constexpr,
+    TOKENS16: tl.constexpr,  # M > 8: a second tile of 8 activation rows, with its own accumulators
 ):
-    """C[m] = W x[m] on the CUDA cores, one activation row per program (grid axis 0 = rows, so the
-    programs of one weight tile run together and its second and later reads hit L2).
+    """C = X W^T for up to 16 activation rows on the Tensor Cores, with the weights decoded in the
+    registers of the threads that load them (see _e2m1_mma_ptx): C^T = W X^T, 16 rows of W by 8 rows
+    of X per MMA. Per segment of 128 codes a thread loads 16 bytes (one MXFP4 block or two NVFP4
+    blocks) of rows g and g + 8 and the activations of its K positions for activation rows g (and
+    g + 8), and adds eight MMAs per tile of 8 activation rows into its FP32 accumulators; the next
+    segment's codes and scales are loaded before this one is decoded. The warps' sums are added once,
+    after the K loop."""
+    T: tl.constexpr = 32 * WARPS
+    lane = tl.arange(0, T)
+    g = (lane % 32) // 4
+    q = lane % 4
+    warp = lane // 32
+    rows = tl.program_id(0) * 16 + g
+    rows_g = tl.where(rows < N, rows, 0).to(tl.int64)
+    rows_h = tl.where(rows + 8 < N, rows + 8, 0).to(tl.int64)
+    x_ok, x2_ok = g < M, g + 8 < M
+    x_base = x_ptr + tl.where(x_ok, g, 0) * stride_xm
+    x2_base = x_ptr + tl.where(x2_ok, g + 8, 0) * stride_xm
+    segs = tl.cdiv(K, 128)
+    per_split = tl.cdiv(tl.cdiv(segs, SPLIT_K), WARPS) * WARPS
+    seg_lo = tl.program_id(1) * per_split
+    seg_hi = tl.minimum(segs, seg_lo + per_split)
+    offs4 = tl.arange(0, 4)
+    acc0 = tl.zeros((T,), dtype=tl.float32)
+    acc1 = tl.zeros((T,), dtype=tl.float32)
+    acc2 = tl.zeros((T,), dtype=tl.float32)
+    acc3 = tl.zeros((T,), dtype=tl.float32)
+    acc4 = tl.zeros((T,), dtype=tl.float32)  # the second tile of activation rows (TOKENS16)
+    acc5 = tl.zeros((T,), dtype=tl.float32)
+    acc6 = tl.zeros((T,), dtype=tl.float32)
+    acc7 = tl.zeros((T,), dtype=tl.float32)
+    wg, wh, sg0, sg1, sh0, sh1 = _mma_gemv_loads(w_ptr, sw_ptr, rows_g, rows_h, seg_lo + warp, seg_hi, K,
+                                                 stride_wn, stride_sn, stride_sk, NVFP4)
+    for seg0 in range(seg_lo, seg_hi, WARPS):
+        seg = seg0 + warp  # this warp's segment
+        n_wg, n_wh, n_sg0, n_sg1, n_sh0, n_sh1 = _mma_gemv_loads(w_ptr, sw_ptr, rows_g, rows_h, seg + WARPS,
+                                                                 seg_hi, K, stride_wn, stride_sn, stride_sk, NVFP4)
+        chunk = seg * 4 + q
+        k_ok = (seg < seg_hi) & (chunk < K // 32)
+        offs = (16 * chunk)[:, None] + offs4[None, :]  # (T, 4): the pairs of word 0 of the chunk
+        sg0, sg1, sh0, sh1 = _scale_pair(sg0, NVFP4), _scale_pair(sg1, NVFP4), _scale_pair(sh0, NVFP4), _scale_pair(sh1, NVFP4)
+        wg0, wg2, wg1, wg3 = _quarters(wg)
+        wh0, wh2, wh1, wh3 = _quarters(wh)
+        for u in tl.static_range(4):
+            if u == 0:
+                w_g, w_h = wg0, wh0
+            elif u == 1:
+                w_g, w_h = wg1, wh1
+            elif u == 2:
+                w_g, w_h = wg2, wh2
+            else:
+                w_g, w_h = wg3, wh3
+            s_g, s_h = (sg0, sh0) if u < 2 else (sg1, sh1)
+            b0, b1, b2, b3 = _x_pairs(x_base[:, None] + offs + 4 * u, (k_ok & x_ok)[:, None])
+            if TOKENS16:
+                b4, b5, b6, b7 = _x_pairs(x2_base[:, None] + offs + 4 * u, (k_ok & x2_ok)[:, None])
+                acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = tl.inline_asm_elementwise(
+                    _E2M1_MMA16_PTX, "=f,=f,=f,=f,=f,=f,=f,=f,f,f,f,f,f,f,f,f,r,r,r,r,r,r,r,r,r,r,r,r",
+                    [acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, w_g, w_h, s_g, s_h, b0, b1, b2, b3,
+                     b4, b5, b6, b7], dtype=(tl.float32,) * 8, is_pure=True, pack=1)
+            else:
+                acc0, acc1, acc2, acc3 = tl.inline_asm_elementwise(
+                    _E2M1_MMA_PTX, "=f,=f,=f,=f,f,f,f,f,r,r,r,r,r,r,r,r",
+                    [acc0, acc1, acc2, acc3, w_g, w_h, s_g, s_h, b0, b1, b2, b3],
+                    dtype=(tl.float32,) * 4, is_pure=True, pack=1)
+        wg, wh, sg0, sg1, sh0, sh1 = n_wg, n_wh, n_sg0, n_sg1, n_sh0, n_sh1
+    # the warps' partial sums, added in a fixed order, then stored: accumulators 0, 1 hold W row g
+    # times activation rows 2q, 2q + 1, accumulators 2, 3 W row g + 8 (4..7 the same for rows 8 + 2q..)
+    l32 = tl.arange(0, 32)
+    r = tl.program_id(0) * 16 + l32 // 4
+    col = 2 * (l32 % 4)
+    ts = tl.load(ts_ptr) if NVFP4 else 1.0
+    _store_mma(acc0, ts, c_ptr, ws_ptr, r, col, M, N, stride_cm, stride_cn, WARPS, SPLIT_K)
+    _store_mma(acc1, ts, c_ptr, ws_ptr, r, col + 1, M, N, stride_cm, stride_cn, WARPS, SPLIT_K)
+    _store_mma(acc2, ts, c_ptr, ws_ptr, r + 8, col, M, N, stride_cm, stride_cn, WARPS, SPLIT_K)
+    _store_mma(acc3, ts, c_ptr, ws_ptr, r + 8, col + 1, M, N, stride_cm, stride_cn, WARPS, SPLIT_K)
+    if TOKENS16:
+        _store_mma(acc4, ts, c_ptr, ws_ptr, r, col + 8, M, N, stride_cm, stride_cn, WARPS, SPLIT_K)
+        _store_mma(acc5, ts, c_ptr, ws_ptr, r, col + 9, M, N, stride_cm, stride_cn, WARPS, SPLIT_K)
+        _store_mma(acc6, ts, c_ptr, ws_ptr, r + 8, col + 8, M, N, stride_cm, stride_cn, WARPS, SPLIT_K)
+        _store_mma(acc7, ts, c_ptr, ws_ptr, r + 8, col + 9, M, N, stride_cm, stride_cn, WARPS, SPLIT_K)
 
-    No Tensor Core and no layout change: the weight tile is read as (BLOCK_N, scale blocks, bytes of a
-    block), each thread decodes its bytes to float32 and multiplies them with the activation pairs
-    loaded in the same layout; a block's products are summed in the thread, scaled once, and kept in a
-    (BLOCK_N, blocks) accumulator that is reduced across threads only after the K loop."""
-    SB: tl.constexpr = 16 if NVFP4 else 32  # elements per scale block
-    NB: tl.constexpr = BLOCK_K // SB  # scale blocks per tile
-    m = tl.program_id(0)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows_w = tl.where(offs_n < N, offs_n, 0).to(tl.int64)
-    k_lo, k_hi = _k_range(K, BLOCK_K, SPLIT_K)
-    offs_b = tl.arange(0, NB)
-    offs_j = tl.arange(0, SB // 2)
-    acc = tl.zeros((BLOCK_N, NB), dtype=tl.float32)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
-        b = k0 // SB + offs_b
-        b_ok = b < K // SB  # K is a multiple of SB: a block is wholly in or out
-        j = b[:, None] * (SB // 2) + offs_j[None, :]  # (NB, SB/2): byte j holds elements 2j, 2j + 1
-        w = tl.load(w_ptr + rows_w[:, None, None] * stride_wn + j[None, :, :], mask=b_ok[None, :, None], other=0)
-        xp = tl.load(x_ptr + m * stride_xm + j, mask=b_ok[:, None], other=0)  # int32 pairs, (NB, SB/2)
-        x_even = (xp << 16).to(tl.float32, bitcast=True)  # bf16 -> float32 is a 16-bit shift, exact
-        x_odd = (xp & -65536).to(tl.float32, bitcast=True)
-        w_lo, w_hi = _e2m1_bytes_to_fp32(w, PTX)  # (BLOCK_N, NB, SB/2) each
-        part = tl.sum(w_lo * x_even[None, :, :] + w_hi * x_odd[None, :, :], axis=2)  # exact products
-        s = tl.load(sw_ptr + rows_w[:, None] * stride_sn + b[None, :] * stride_sk, mask=b_ok[None, :], other=0)
-        if NVFP4:
-            scale = s.to(tl.float8e4nv, bitcast=True).to(tl.float32)
-        else:
-            scale = from_e8m0(s.to(tl.int32))
-        acc += part * scale
-    out = tl.sum(acc, axis=1)  # (BLOCK_N,)
-    if NVFP4:
-        out = out * tl.load(ts_ptr)
-    ok = offs_n < N
+
+@triton.jit
+def _store_mma(v, ts, c_ptr, ws_ptr, row, col, M, N, stride_cm, stride_cn, WARPS: tl.constexpr,
+               SPLIT_K: tl.constexpr):
+    """One accumulator register of the MMA tiles, summed over the warps and times the tensor scale:
+    C[col, row] (C^T was computed), or this split's partial."""
+    v = tl.sum(tl.reshape(v, (WARPS, 32)), axis=0) * ts
+    ok = (row < N) & (col < M)
     if SPLIT_K == 1:
-        tl.store(c_ptr + m.to(tl.int64) * stride_cm + offs_n * stride_cn, round_for_store(out, c_ptr), mask=ok)
+        tl.store(c_ptr + col.to(tl.int64) * stride_cm + row * stride_cn, round_for_store(v, c_ptr), mask=ok)
     else:
-        tl.store(ws_ptr + (tl.program_id(2) * M + m).to(tl.int64) * N + offs_n, out, mask=ok)
+        tl.store(ws_ptr + (tl.program_id(1) * M + col).to(tl.int64) * N + row, v, mask=ok)
 
 
 def _tuned(kernel):
@@ -375,33 +495,30 @@ _nvfp4_w4a16_tuned = _tuned(_nvfp4_w4a16_kernel)
 # 46. Neither is limited by memory there (see the GEMM chapter's measurements).
 DECODE_CONFIG = {"mxfp4": (64, 256, 4, 4, 3), "nvfp4": (32, 256, 8, 4, 3)}
 
-# M <= GEMV_MAX_M runs _fp4_gemv_kernel on the CUDA cores instead: (BLOCK_N, BLOCK_K, SPLIT_K, num_warps,
-# num_stages) per format, the fastest of a sweep on an H200 at N = K = 8192 (BLOCK_N 4..64, BLOCK_K
-# 256..2048, SPLIT_K 1 or 2, 2..8 warps, 1..3 stages). Its time grows in proportion to M (M = 1: 28 us
-# for MXFP4, M = 2: 49, M = 4: 88), so from M = 2 on the decode kernels above are faster.
-GEMV_MAX_M = 1
-GEMV_CONFIG = {"mxfp4": (16, 256, 2, 4, 2), "nvfp4": (8, 512, 1, 2, 2)}
+# Compiled, M <= 16 runs _fp4_mma_gemv_kernel instead (MXFP4 always, NVFP4 when K is a multiple of
+# 32): (num_warps, SPLIT_K) for M <= 8 and for 8 < M <= 16, the fastest of a sweep on an H200 at
+# N = K = 8192 over 2..16 warps and SPLIT_K 1..4 (M <= 8: 20-23 us for either format, 1.5-1.65x BF16;
+# M = 16: 30 us with 4 warps, 34-47 with the others). The kernels above stay the interpreter's path.
+MMA_GEMV_CONFIG = {"mxfp4": ((8, 1), (4, 1)), "nvfp4": ((8, 1), (4, 1))}
 
 
-def _gemv(x, codes, scales, tensor_scale, out, fmt, config=None):
-    """C = x @ W^T through _fp4_gemv_kernel: the activations zero-padded to the codes' Kp columns and
-    contiguous, so that element pairs (2j, 2j + 1) can be read as one int32 beside byte j."""
+def _gemv_mma(x, codes, scales, tensor_scale, out, fmt, config=None):
+    """C = x @ W^T for M <= 16 through _fp4_mma_gemv_kernel (compiled only): x zero-padded to Kp columns
+    and read as bf16 pairs, the codes read as int32 words (copied only if their rows are not 4-byte
+    aligned)."""
     M, N, Kp = x.shape[0], codes.shape[0], 2 * codes.shape[1]
     if x.shape[1] != Kp or not x.is_contiguous() or x.storage_offset() % 2:
         x = torch.nn.functional.pad(x, (0, Kp - x.shape[1])).contiguous()
-    if codes.stride(1) != 1:
-        codes = codes.contiguous()
-    pairs = x.view(torch.int32)  # (M, Kp / 2)
-    if runtime.INTERPRET:
-        bn, bk, split, warps, stages = 16, 64, 2 if Kp > 64 else 1, 4, 1
-    else:
-        bn, bk, split, warps, stages = config or GEMV_CONFIG[fmt]
+    if codes.stride(1) != 1 or codes.stride(0) % 4 or codes.storage_offset() % 4:
+        codes = codes.clone(memory_format=torch.contiguous_format)
+    pairs, words = x.view(torch.int32), codes.view(torch.int32)
+    warps, split = config or MMA_GEMV_CONFIG[fmt][M > 8]
     ws = torch.empty((split, M, N) if split > 1 else (1,), dtype=torch.float32, device=x.device)
     ts = tensor_scale if tensor_scale is not None else ws
-    _fp4_gemv_kernel[(M, triton.cdiv(N, bn), split)](
-        pairs, codes, scales, ts, out, ws, M, N, Kp, pairs.stride(0), codes.stride(0), *scales.stride(),
-        *out.stride(), NVFP4=fmt == "nvfp4", PTX=not runtime.INTERPRET, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split,
-        num_warps=warps, num_stages=stages)
+    _fp4_mma_gemv_kernel[(triton.cdiv(N, 16), split)](
+        pairs, words, scales, ts, out, ws, M, N, Kp, pairs.stride(0), words.stride(0), *scales.stride(),
+        *out.stride(), NVFP4=fmt == "nvfp4", WARPS=warps, SPLIT_K=split, TOKENS16=M > 8, num_warps=warps,
+        num_stages=1)
     return _sum_splits(ws, out, M, N, split)
 
 
@@ -481,8 +598,8 @@ def w4a16_matmul(x: torch.Tensor, w_codes: torch.Tensor, w_scales: torch.Tensor,
         if tensor_scale is not None:
             raise ValueError("tensor_scale belongs to NVFP4; MXFP4 has only block scales")
         s = _scales(w_scales, "w_scales", (torch.float8_e8m0fnu, torch.uint8), (N, Kp // MX_BLOCK))
-        if M <= GEMV_MAX_M and _config is None:
-            return _gemv(x, codes, s, None, c, format)
+        if M <= 16 and not runtime.INTERPRET and _config is None:
+            return _gemv_mma(x, codes, s, None, c, format)
         args = (x, x, codes, s, M, N, Kp, x.shape[1], *x.stride(), 0, 0, *codes.stride(), *s.stride(), *c.stride())
         return _launch(_dot_scaled_kernel, _dot_scaled_tuned, args, M, N, Kp, x.device, c, format, _config,
                        A_FP4=False)
@@ -490,8 +607,8 @@ def w4a16_matmul(x: torch.Tensor, w_codes: torch.Tensor, w_scales: torch.Tensor,
     runtime.check_tensor(tensor_scale, "tensor_scale", dtypes=(torch.float32,), contiguous=False)
     if tensor_scale.numel() != 1:
         raise ValueError(f"tensor_scale must hold one element, got shape {tuple(tensor_scale.shape)}")
-    if M <= GEMV_MAX_M and _config is None:
-        return _gemv(x, codes, s, tensor_scale, c, format)
+    if M <= 16 and Kp % 32 == 0 and not runtime.INTERPRET and _config is None:  # reads chunks of 32 codes
+        return _gemv_mma(x, codes, s, tensor_scale, c, format)
     args = (x, codes, s, tensor_scale, M, N, Kp, x.shape[1], *x.stride(), *codes.stride(), *s.stride(), *c.stride())
     if M <= 16:
         return _launch(_nvfp4_decode_kernel, None, args, M, N, Kp, x.device, c, format, _config,
