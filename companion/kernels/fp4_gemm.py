@@ -293,6 +293,8 @@ prmt.b32 $1, $6, $7, 0x5410;
 prmt.b32 $2, $4, $5, 0x7632;
 prmt.b32 $3, $6, $7, 0x7632;
 """)
+
+
 def _e2m1_mma_ptx(token_tiles):
     """The decode-and-multiply block of _fp4_mma_gemv_kernel for 8 or 16 activation rows: outputs the
     4 * token_tiles accumulators, then inputs: the same accumulators, the words of rows g and g + 8,
@@ -307,8 +309,8 @@ def _e2m1_mma_ptx(token_tiles):
                 + "".join(f"mul.rn.bf16x2 {out}{i}, {out}{i}, {scale};\n" for i in range(4)))
 
     mma = "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"
-    body = ["{", ".reg .b32 mag, mag_hi, sgn, sgn_lo, sgn_hi, lo0, lo1, hi0, hi1, s0, s1, p0, p1, p2, p3, r0, r1, r2, r3;",
-            decode(wg, sg, "p") + decode(wh, sh, "r")]
+    regs = "mag, mag_hi, sgn, sgn_lo, sgn_hi, lo0, lo1, hi0, hi1, s0, s1, p0, p1, p2, p3, r0, r1, r2, r3"
+    body = ["{", f".reg .b32 {regs};", decode(wg, sg, "p") + decode(wh, sh, "r")]
     for t in range(token_tiles):
         d = ", ".join(f"${4 * t + i}" for i in range(4))
         c = ", ".join(f"${n + 4 * t + i}" for i in range(4))
@@ -334,8 +336,9 @@ def _x_pairs(x_ptrs, mask):
 @triton.jit
 def _mma_gemv_loads(w_ptr, sw_ptr, rows_g, rows_h, seg, seg_hi, K, stride_wn, stride_sn, stride_sk,
                     NVFP4: tl.constexpr):
-    """This thread's codes and block scales in one segment of 128 codes: 16 bytes (one 32-code chunk)
-    of rows g and g + 8, and the scales of the chunk's blocks as BF16 pairs."""
+    """This thread's codes and block scales in one segment of 128 codes: 16 bytes (one 32-code chunk) of
+    rows g and g + 8 as four int32 words each, and the uint8 scales of the chunk's blocks (for MXFP4 the
+    chunk is one block, and the second pair repeats the first)."""
     q = tl.arange(0, rows_g.shape[0]) % 4
     chunk = seg * 4 + q
     ok = (seg < seg_hi) & (chunk < K // 32)
@@ -420,7 +423,8 @@ def _fp4_mma_gemv_kernel(
         chunk = seg * 4 + q
         k_ok = (seg < seg_hi) & (chunk < K // 32)
         offs = (16 * chunk)[:, None] + offs4[None, :]  # (T, 4): the pairs of word 0 of the chunk
-        sg0, sg1, sh0, sh1 = _scale_pair(sg0, NVFP4), _scale_pair(sg1, NVFP4), _scale_pair(sh0, NVFP4), _scale_pair(sh1, NVFP4)
+        sg0, sg1 = _scale_pair(sg0, NVFP4), _scale_pair(sg1, NVFP4)
+        sh0, sh1 = _scale_pair(sh0, NVFP4), _scale_pair(sh1, NVFP4)
         wg0, wg2, wg1, wg3 = _quarters(wg)
         wh0, wh2, wh1, wh3 = _quarters(wh)
         for u in tl.static_range(4):
@@ -498,7 +502,9 @@ DECODE_CONFIG = {"mxfp4": (64, 256, 4, 4, 3), "nvfp4": (32, 256, 8, 4, 3)}
 # Compiled, M <= 16 runs _fp4_mma_gemv_kernel instead (MXFP4 always, NVFP4 when K is a multiple of
 # 32): (num_warps, SPLIT_K) for M <= 8 and for 8 < M <= 16, the fastest of a sweep on an H200 at
 # N = K = 8192 over 2..16 warps and SPLIT_K 1..4 (M <= 8: 20-23 us for either format, 1.5-1.65x BF16;
-# M = 16: 30 us with 4 warps, 34-47 with the others). The kernels above stay the interpreter's path.
+# M = 16: 30 us with 4 warps, 34-47 with the others; a register cap of 64 changed M = 1 by 4%). Nsight
+# Compute at M = 1: the integer/logic pipe 63% busy, DRAM 33%, 19 warps per SM -- the decode, not the
+# bytes, sets the time. The kernels above stay the interpreter's path.
 MMA_GEMV_CONFIG = {"mxfp4": ((8, 1), (4, 1)), "nvfp4": ((8, 1), (4, 1))}
 
 
