@@ -284,15 +284,10 @@ def _quarters(t):
 # of W times a 16 x 8 tile of X^T, FP32 sums) on registers it fills itself, so that no decoded weight
 # leaves the thread that decoded it. Any permutation of K serves as long as both operands share it, and
 # the one used here puts eight consecutive codes (one 32-bit word) where the MMA wants four BF16 pairs:
-# in thread (g, q) of a warp (g = lane / 4, q = lane % 4), MMA number 2u takes the pairs (e0, e2) and
-# (e4, e6) of word u and MMA 2u + 1 the pairs (e1, e3) and (e5, e7) -- exactly the registers the byte-
-# permute decoder produces -- for rows g and g + 8, and the activations are paired the same way.
-_X_PAIRS_PTX = tl.constexpr("""
-prmt.b32 $0, $4, $5, 0x5410;
-prmt.b32 $1, $6, $7, 0x5410;
-prmt.b32 $2, $4, $5, 0x7632;
-prmt.b32 $3, $6, $7, 0x7632;
-""")
+# in thread (g, q) of a warp (g = lane / 4, q = lane % 4), MMA number 2u takes the pairs (e0, e1) and
+# (e2, e3) of word u and MMA 2u + 1 the pairs (e4, e5) and (e6, e7), for rows g and g + 8. The byte-
+# permute lookup gives these pairs with other final selectors than _E2M1_TO_BF16_PTX's, and they are
+# the activations' own pairs: the int32 pairs of bf16 read beside the word go to the MMA as they are.
 
 
 def _e2m1_mma_ptx(token_tiles):
@@ -302,10 +297,10 @@ def _e2m1_mma_ptx(token_tiles):
     n = 4 * token_tiles
     wg, wh, sg, sh = (f"${2 * n + i}" for i in range(4))
 
-    def decode(src, scale, out):
+    def decode(src, scale, out):  # pairs (e0, e1), (e2, e3), (e4, e5), (e6, e7) of the word, scaled
         return (_E2M1_LOOKUP_PTX.format(src=src)
-                + "".join(f"prmt.b32 {out}{i}, lo{i % 2}, hi{i % 2}, {sel};\n"
-                          for i, sel in enumerate(("0x6240", "0x6240", "0x7351", "0x7351")))
+                + "".join(f"prmt.b32 {out}{i}, lo{i // 2}, hi{i // 2}, {sel};\n"
+                          for i, sel in enumerate(("0x5140", "0x7362", "0x5140", "0x7362")))
                 + "".join(f"mul.rn.bf16x2 {out}{i}, {out}{i}, {scale};\n" for i in range(4)))
 
     mma = "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"
@@ -322,15 +317,6 @@ def _e2m1_mma_ptx(token_tiles):
 
 _E2M1_MMA_PTX = tl.constexpr(_e2m1_mma_ptx(1))
 _E2M1_MMA16_PTX = tl.constexpr(_e2m1_mma_ptx(2))
-
-
-@triton.jit
-def _x_pairs(x_ptrs, mask):
-    """Four activation pairs of one word's K positions (elements 0..7), regrouped as the MMA pairs them:
-    (0, 2), (4, 6) for the first MMA and (1, 3), (5, 7) for the second."""
-    p0, p2, p1, p3 = _quarters(tl.load(x_ptrs, mask=mask, other=0))
-    return tl.inline_asm_elementwise(_X_PAIRS_PTX, "=r,=r,=r,=r,r,r,r,r", [p0, p1, p2, p3],
-                                     dtype=(tl.int32,) * 4, is_pure=True, pack=1)
 
 
 @triton.jit
@@ -437,9 +423,10 @@ def _fp4_mma_gemv_kernel(
             else:
                 w_g, w_h = wg3, wh3
             s_g, s_h = (sg0, sh0) if u < 2 else (sg1, sh1)
-            b0, b1, b2, b3 = _x_pairs(x_base[:, None] + offs + 4 * u, (k_ok & x_ok)[:, None])
+            b0, b2, b1, b3 = _quarters(tl.load(x_base[:, None] + offs + 4 * u, mask=(k_ok & x_ok)[:, None], other=0))
             if TOKENS16:
-                b4, b5, b6, b7 = _x_pairs(x2_base[:, None] + offs + 4 * u, (k_ok & x2_ok)[:, None])
+                b4, b6, b5, b7 = _quarters(tl.load(x2_base[:, None] + offs + 4 * u, mask=(k_ok & x2_ok)[:, None],
+                                                   other=0))
                 acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = tl.inline_asm_elementwise(
                     _E2M1_MMA16_PTX, "=f,=f,=f,=f,=f,=f,=f,=f,f,f,f,f,f,f,f,f,r,r,r,r,r,r,r,r,r,r,r,r",
                     [acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, w_g, w_h, s_g, s_h, b0, b1, b2, b3,
@@ -501,10 +488,11 @@ DECODE_CONFIG = {"mxfp4": (64, 256, 4, 4, 3), "nvfp4": (32, 256, 8, 4, 3)}
 
 # Compiled, M <= 16 runs _fp4_mma_gemv_kernel instead (MXFP4 always, NVFP4 when K is a multiple of
 # 32): (num_warps, SPLIT_K) for M <= 8 and for 8 < M <= 16, the fastest of a sweep on an H200 at
-# N = K = 8192 over 2..16 warps and SPLIT_K 1..4 (M <= 8: 20-23 us for either format, 1.5-1.65x BF16;
-# M = 16: 30 us with 4 warps, 34-47 with the others; a register cap of 64 changed M = 1 by 4%). Nsight
-# Compute at M = 1: the integer/logic pipe 63% busy, DRAM 33%, 19 warps per SM -- the decode, not the
-# bytes, sets the time. The kernels above stay the interpreter's path.
+# N = K = 8192 over 2..16 warps and SPLIT_K 1..4, taken while the activations were still re-paired by
+# byte permutes (M <= 8: 20-23 us, 1.5-1.65x BF16; M = 16: 30 us with 4 warps, 34-47 with the others; a
+# register cap of 64 changed M = 1 by 4%). Nsight Compute at M = 1 then: the integer/logic pipe 63%
+# busy, DRAM 33%, 19 warps per SM -- the decode, not the bytes, set the time. Without the re-pairing
+# (the stored benchmark): M <= 8 in 19.8-21.8 us. The kernels above stay the interpreter's path.
 MMA_GEMV_CONFIG = {"mxfp4": ((8, 1), (4, 1)), "nvfp4": ((8, 1), (4, 1))}
 
 
