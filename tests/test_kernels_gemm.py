@@ -182,9 +182,9 @@ def test_w4a16_bf16_output_and_strided_activations(fmt):
 
 @pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
 def test_gemv_reads_weight_views(fmt):
-    """Compiled, M <= 16 reads the codes as 32-bit words: codes whose rows are not 4-byte aligned (a
-    row stride of 34 bytes) are copied first, a slice of the first blocks of wider rows is read in
-    place, and both give what the contiguous codes give."""
+    """M <= 16 reads the codes as 32-bit words: codes whose rows are not 4-byte aligned (a row stride
+    of 34 bytes) are copied first, a slice of the first blocks of wider rows is read in place, and both
+    give what the contiguous codes give."""
     codes, scales, ts, _ = fp4_weights(24, 128, 4, fmt)
     x = torch.randn(1, 64, generator=torch.Generator().manual_seed(5)).bfloat16().to(DEVICE)
     blocks = 64 // (32 if fmt == "mxfp4" else 16)
@@ -207,8 +207,8 @@ def test_mxfp4_dot_scaled_within_bound(M, N, K):
 @pytest.mark.parametrize("rows", [1, 9, 16, 32], ids=["one", "nine", "sixteen", "large_m"])
 def test_fp4_decoding_covers_every_code(rows):
     """Each of the 16 E2M1 codes, with scales from tiny to large (a float32 subnormal 2^-127 result
-    included): the W4A16 paths (compiled, M <= 16 the MMA kernel, with one or two tiles of 8 activation
-    rows; interpreted, the decode kernels; and M > 16) decode them exactly."""
+    included): the W4A16 paths (M <= 16 the MMA kernel, with one or two tiles of 8 activation rows, its
+    MMAs emulated under the interpreter; and M > 16) decode them exactly."""
     from companion.mx import pack_fp4
 
     codes = torch.arange(16, dtype=torch.uint8).repeat(4, 2)  # (4, 32): every code twice per row

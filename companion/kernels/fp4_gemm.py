@@ -20,7 +20,8 @@ For decoding (M <= 16) on the GPU, ``_fp4_mma_gemv_kernel`` drives the Tensor Co
 from PTX with registers it fills itself: each thread decodes the codes it loaded straight into the
 registers the MMA reads (the K order is permuted so that this is possible, identically for both
 operands), so no decoded weight is moved between threads or through shared memory. Under the
-interpreter, which cannot run PTX, the same shapes take the tile kernels above.
+interpreter, which cannot run PTX, the same kernel emulates the two MMAs on the same registers (each
+register reshaped across the lanes of its warp), so CI checks its indexing.
 
 Decoding is exact (every E2M1 x scale product is a bf16 number for scales between 2^-126 and 2^125),
 so the results differ from exact arithmetic only by the FP32 sums on the Tensor Cores and the final
@@ -346,14 +347,82 @@ def _mma_gemv_loads(w_ptr, sw_ptr, rows_g, rows_h, seg, seg_hi, K, stride_wn, st
 
 
 @triton.jit
-def _scale_pair(s, NVFP4: tl.constexpr):
-    """uint8 block scales -> BF16 pairs in int32 (exact: E8M0 and E4M3 values are BF16 numbers)."""
+def _scale_pair(s, NVFP4: tl.constexpr, PTX: tl.constexpr):
+    """uint8 block scales -> BF16 pairs in int32 for mul.bf16x2 (exact: E8M0 and E4M3 values are BF16
+    numbers), or as float32 for the interpreter's emulation."""
     if NVFP4:
         v = s.to(tl.float8e4nv, bitcast=True).to(tl.float32)
     else:
         v = from_e8m0(s.to(tl.int32))
-    bits = v.to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-    return bits | (bits << 16)
+    if PTX:
+        bits = v.to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        return bits | (bits << 16)
+    else:
+        return v
+
+
+@triton.jit
+def _pair_value(pair, HIGH: tl.constexpr):
+    """One bf16 of an int32 pair (the low one, or the high one) as float32: a shift or a mask, exact."""
+    if HIGH:
+        return (pair & -65536).to(tl.float32, bitcast=True)
+    else:
+        return (pair << 16).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _mma_emulated(acc0, acc1, acc2, acc3, wg, wh, sg, sh, b0, b1, b2, b3, WARPS: tl.constexpr):
+    """The interpreter's stand-in for one block of _e2m1_mma_ptx (one tile of 8 activation rows): the
+    same registers, decoded to float32 (scales ``sg``, ``sh`` as float32) and multiplied as the two
+    mma.sync m16n8k16 define it -- lane (g, q) of a warp holds elements 0..7 of its word for K positions
+    of rows g and g + 8, and the activations of the same positions for activation row g; an output
+    (row r, activation row n) sums over the four lanes q of the warp. Lanes are regrouped by reshaping
+    each (32 * WARPS,) register into (WARPS, g, q), so the sums cross lanes as the MMA does."""
+    dg = tl.zeros((WARPS, 8, 8), dtype=tl.float32)  # (warp, row g, activation row n)
+    dh = tl.zeros((WARPS, 8, 8), dtype=tl.float32)  # rows g + 8
+    for i in tl.static_range(8):  # element i of the word: nibble i; its activation is half i % 2 of pair i // 2
+        if i // 2 == 0:
+            pair = b0
+        elif i // 2 == 1:
+            pair = b1
+        elif i // 2 == 2:
+            pair = b2
+        else:
+            pair = b3
+        xv = tl.reshape(_pair_value(pair, i % 2 == 1), (WARPS, 1, 8, 4))
+        ag = tl.reshape(_e2m1_value((wg >> (4 * i)) & 0xF) * sg, (WARPS, 8, 1, 4))
+        ah = tl.reshape(_e2m1_value((wh >> (4 * i)) & 0xF) * sh, (WARPS, 8, 1, 4))
+        dg += tl.sum(ag * xv, axis=3)
+        dh += tl.sum(ah * xv, axis=3)
+    g0, g1 = tl.split(tl.reshape(dg, (WARPS, 8, 4, 2)))  # lane (g, q) keeps activation rows 2q, 2q + 1
+    h0, h1 = tl.split(tl.reshape(dh, (WARPS, 8, 4, 2)))
+    T: tl.constexpr = 32 * WARPS
+    return (acc0 + tl.reshape(g0, (T,)), acc1 + tl.reshape(g1, (T,)), acc2 + tl.reshape(h0, (T,)),
+            acc3 + tl.reshape(h1, (T,)))
+
+
+@triton.jit
+def _mma_step(acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, w_g, w_h, s_g, s_h, b0, b1, b2, b3, b4, b5, b6,
+              b7, TOKENS16: tl.constexpr, PTX: tl.constexpr, WARPS: tl.constexpr):
+    """One word of codes per thread and row into the accumulators: compiled, one _e2m1_mma_ptx block
+    (scales as BF16 pairs); interpreted, _mma_emulated (scales as float32)."""
+    if PTX:
+        if TOKENS16:
+            acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = tl.inline_asm_elementwise(
+                _E2M1_MMA16_PTX, "=f,=f,=f,=f,=f,=f,=f,=f,f,f,f,f,f,f,f,f,r,r,r,r,r,r,r,r,r,r,r,r",
+                [acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, w_g, w_h, s_g, s_h, b0, b1, b2, b3,
+                 b4, b5, b6, b7], dtype=(tl.float32,) * 8, is_pure=True, pack=1)
+        else:
+            acc0, acc1, acc2, acc3 = tl.inline_asm_elementwise(
+                _E2M1_MMA_PTX, "=f,=f,=f,=f,f,f,f,f,r,r,r,r,r,r,r,r",
+                [acc0, acc1, acc2, acc3, w_g, w_h, s_g, s_h, b0, b1, b2, b3],
+                dtype=(tl.float32,) * 4, is_pure=True, pack=1)
+    else:
+        acc0, acc1, acc2, acc3 = _mma_emulated(acc0, acc1, acc2, acc3, w_g, w_h, s_g, s_h, b0, b1, b2, b3, WARPS)
+        if TOKENS16:
+            acc4, acc5, acc6, acc7 = _mma_emulated(acc4, acc5, acc6, acc7, w_g, w_h, s_g, s_h, b4, b5, b6, b7,
+                                                   WARPS)
+    return acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7
 
 
 @triton.jit
@@ -368,6 +437,7 @@ def _fp4_mma_gemv_kernel(
     WARPS: tl.constexpr,  # warps per program (num_warps); they take the K segments of 128 in turn
     SPLIT_K: tl.constexpr,
     TOKENS16: tl.constexpr,  # M > 8: a second tile of 8 activation rows, with its own accumulators
+    PTX: tl.constexpr,  # compiled for the GPU (False under the interpreter: the MMAs emulated)
 ):
     """C = X W^T for up to 16 activation rows on the Tensor Cores, with the weights decoded in the
     registers of the threads that load them (see _e2m1_mma_ptx): C^T = W X^T, 16 rows of W by 8 rows
@@ -409,8 +479,8 @@ def _fp4_mma_gemv_kernel(
         chunk = seg * 4 + q
         k_ok = (seg < seg_hi) & (chunk < K // 32)
         offs = (16 * chunk)[:, None] + offs4[None, :]  # (T, 4): the pairs of word 0 of the chunk
-        sg0, sg1 = _scale_pair(sg0, NVFP4), _scale_pair(sg1, NVFP4)
-        sh0, sh1 = _scale_pair(sh0, NVFP4), _scale_pair(sh1, NVFP4)
+        sg0, sg1 = _scale_pair(sg0, NVFP4, PTX), _scale_pair(sg1, NVFP4, PTX)
+        sh0, sh1 = _scale_pair(sh0, NVFP4, PTX), _scale_pair(sh1, NVFP4, PTX)
         wg0, wg2, wg1, wg3 = _quarters(wg)
         wh0, wh2, wh1, wh3 = _quarters(wh)
         for u in tl.static_range(4):
@@ -424,18 +494,13 @@ def _fp4_mma_gemv_kernel(
                 w_g, w_h = wg3, wh3
             s_g, s_h = (sg0, sh0) if u < 2 else (sg1, sh1)
             b0, b2, b1, b3 = _quarters(tl.load(x_base[:, None] + offs + 4 * u, mask=(k_ok & x_ok)[:, None], other=0))
+            b4, b5, b6, b7 = b0, b1, b2, b3  # unused unless TOKENS16
             if TOKENS16:
                 b4, b6, b5, b7 = _quarters(tl.load(x2_base[:, None] + offs + 4 * u, mask=(k_ok & x2_ok)[:, None],
                                                    other=0))
-                acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = tl.inline_asm_elementwise(
-                    _E2M1_MMA16_PTX, "=f,=f,=f,=f,=f,=f,=f,=f,f,f,f,f,f,f,f,f,r,r,r,r,r,r,r,r,r,r,r,r",
-                    [acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, w_g, w_h, s_g, s_h, b0, b1, b2, b3,
-                     b4, b5, b6, b7], dtype=(tl.float32,) * 8, is_pure=True, pack=1)
-            else:
-                acc0, acc1, acc2, acc3 = tl.inline_asm_elementwise(
-                    _E2M1_MMA_PTX, "=f,=f,=f,=f,f,f,f,f,r,r,r,r,r,r,r,r",
-                    [acc0, acc1, acc2, acc3, w_g, w_h, s_g, s_h, b0, b1, b2, b3],
-                    dtype=(tl.float32,) * 4, is_pure=True, pack=1)
+            acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = _mma_step(
+                acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, w_g, w_h, s_g, s_h, b0, b1, b2, b3, b4, b5, b6, b7,
+                TOKENS16, PTX, WARPS)
         wg, wh, sg0, sg1, sh0, sh1 = n_wg, n_wh, n_sg0, n_sg1, n_sh0, n_sh1
     # the warps' partial sums, added in a fixed order, then stored: accumulators 0, 1 hold W row g
     # times activation rows 2q, 2q + 1, accumulators 2, 3 W row g + 8 (4..7 the same for rows 8 + 2q..)
@@ -492,12 +557,12 @@ DECODE_CONFIG = {"mxfp4": (64, 256, 4, 4, 3), "nvfp4": (32, 256, 8, 4, 3)}
 # byte permutes (M <= 8: 20-23 us, 1.5-1.65x BF16; M = 16: 30 us with 4 warps, 34-47 with the others; a
 # register cap of 64 changed M = 1 by 4%). Nsight Compute at M = 1 then: the integer/logic pipe 63%
 # busy, DRAM 33%, 19 warps per SM -- the decode, not the bytes, set the time. Without the re-pairing
-# (the stored benchmark): M <= 8 in 19.8-21.8 us. The kernels above stay the interpreter's path.
+# (the stored benchmark): M <= 8 in 19.8-21.8 us.
 MMA_GEMV_CONFIG = {"mxfp4": ((8, 1), (4, 1)), "nvfp4": ((8, 1), (4, 1))}
 
 
 def _gemv_mma(x, codes, scales, tensor_scale, out, fmt, config=None):
-    """C = x @ W^T for M <= 16 through _fp4_mma_gemv_kernel (compiled only): x zero-padded to Kp columns
+    """C = x @ W^T for M <= 16 through _fp4_mma_gemv_kernel: x zero-padded to Kp columns
     and read as bf16 pairs, the codes read as int32 words (copied only if their rows are not 4-byte
     aligned)."""
     M, N, Kp = x.shape[0], codes.shape[0], 2 * codes.shape[1]
@@ -506,13 +571,16 @@ def _gemv_mma(x, codes, scales, tensor_scale, out, fmt, config=None):
     if codes.stride(1) != 1 or codes.stride(0) % 4 or codes.storage_offset() % 4:
         codes = codes.clone(memory_format=torch.contiguous_format)
     pairs, words = x.view(torch.int32), codes.view(torch.int32)
-    warps, split = config or MMA_GEMV_CONFIG[fmt][M > 8]
+    if runtime.INTERPRET:  # two warps, and K split in two when it is long enough, so that CI runs both paths
+        warps, split = 2, 2 if Kp > 256 else 1
+    else:
+        warps, split = config or MMA_GEMV_CONFIG[fmt][M > 8]
     ws = torch.empty((split, M, N) if split > 1 else (1,), dtype=torch.float32, device=x.device)
     ts = tensor_scale if tensor_scale is not None else ws
     _fp4_mma_gemv_kernel[(triton.cdiv(N, 16), split)](
         pairs, words, scales, ts, out, ws, M, N, Kp, pairs.stride(0), words.stride(0), *scales.stride(),
-        *out.stride(), NVFP4=fmt == "nvfp4", WARPS=warps, SPLIT_K=split, TOKENS16=M > 8, num_warps=warps,
-        num_stages=1)
+        *out.stride(), NVFP4=fmt == "nvfp4", WARPS=warps, SPLIT_K=split, TOKENS16=M > 8,
+        PTX=not runtime.INTERPRET, num_warps=warps, num_stages=1)
     return _sum_splits(ws, out, M, N, split)
 
 
@@ -592,7 +660,7 @@ def w4a16_matmul(x: torch.Tensor, w_codes: torch.Tensor, w_scales: torch.Tensor,
         if tensor_scale is not None:
             raise ValueError("tensor_scale belongs to NVFP4; MXFP4 has only block scales")
         s = _scales(w_scales, "w_scales", (torch.float8_e8m0fnu, torch.uint8), (N, Kp // MX_BLOCK))
-        if M <= 16 and not runtime.INTERPRET and _config is None:
+        if M <= 16 and _config is None:
             return _gemv_mma(x, codes, s, None, c, format)
         args = (x, x, codes, s, M, N, Kp, x.shape[1], *x.stride(), 0, 0, *codes.stride(), *s.stride(), *c.stride())
         return _launch(_dot_scaled_kernel, _dot_scaled_tuned, args, M, N, Kp, x.device, c, format, _config,
@@ -601,7 +669,7 @@ def w4a16_matmul(x: torch.Tensor, w_codes: torch.Tensor, w_scales: torch.Tensor,
     runtime.check_tensor(tensor_scale, "tensor_scale", dtypes=(torch.float32,), contiguous=False)
     if tensor_scale.numel() != 1:
         raise ValueError(f"tensor_scale must hold one element, got shape {tuple(tensor_scale.shape)}")
-    if M <= 16 and Kp % 32 == 0 and not runtime.INTERPRET and _config is None:  # reads chunks of 32 codes
+    if M <= 16 and Kp % 32 == 0 and _config is None:  # the MMA kernel reads chunks of 32 codes
         return _gemv_mma(x, codes, s, tensor_scale, c, format)
     args = (x, codes, s, tensor_scale, M, N, Kp, x.shape[1], *x.stride(), *codes.stride(), *s.stride(), *c.stride())
     if M <= 16:
