@@ -181,6 +181,20 @@ def test_w4a16_bf16_output_and_strided_activations(fmt):
 
 
 @pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
+def test_w4a16_tile_kernels_within_bound(fmt):
+    """The tile kernels that the MMA kernel replaced for M <= 16 (the GEMM benchmark's comparison rows,
+    reached with an explicit decode config) still hold the bound."""
+    from companion.kernels.fp4_gemm import DECODE_CONFIG
+
+    codes, scales, ts, W = fp4_weights(24, 96, 6, fmt)
+    x = torch.randn(3, 96, generator=torch.Generator().manual_seed(7)).bfloat16()
+    c = w4a16_matmul(x.to(DEVICE), codes, scales, format=fmt, tensor_scale=ts, out_dtype=torch.float32,
+                     _config=DECODE_CONFIG[fmt])
+    xd = x.double().numpy()
+    assert_within(c, matmul_reference(xd, W), gemm_error_bound(xd, W[:, :96], torch.float32))
+
+
+@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
 def test_gemv_reads_weight_views(fmt):
     """M <= 16 reads the codes as 32-bit words: codes whose rows are not 4-byte aligned (a row stride
     of 34 bytes) are copied first, a slice of the first blocks of wider rows is read in place, and both
