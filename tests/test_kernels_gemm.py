@@ -195,7 +195,7 @@ def test_w4a16_tile_kernels_within_bound(fmt):
 
 
 @pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
-def test_gemv_reads_weight_views(fmt):
+def test_w4a16_small_m_reads_weight_views(fmt):
     """M <= 16 reads the codes as 32-bit words: codes whose rows are not 4-byte aligned (a row stride
     of 34 bytes) are copied first, a slice of the first blocks of wider rows is read in place, and both
     give what the contiguous codes give."""

@@ -321,12 +321,11 @@ _E2M1_MMA16_PTX = tl.constexpr(_e2m1_mma_ptx(2))
 
 
 @triton.jit
-def _mma_gemv_loads(w_ptr, sw_ptr, rows_g, rows_h, seg, seg_hi, K, stride_wn, stride_sn, stride_sk,
+def _mma_gemv_loads(w_ptr, sw_ptr, rows_g, rows_h, q, seg, seg_hi, K, stride_wn, stride_sn, stride_sk,
                     NVFP4: tl.constexpr):
     """This thread's codes and block scales in one segment of 128 codes: 16 bytes (one 32-code chunk) of
     rows g and g + 8 as four int32 words each, and the uint8 scales of the chunk's blocks (for MXFP4 the
     chunk is one block, and the second pair repeats the first)."""
-    q = tl.arange(0, rows_g.shape[0]) % 4
     chunk = seg * 4 + q
     ok = (seg < seg_hi) & (chunk < K // 32)
     word = (4 * chunk)[:, None] + tl.arange(0, 4)[None, :]  # (T, 4)
@@ -470,11 +469,11 @@ def _fp4_mma_gemv_kernel(
     acc5 = tl.zeros((T,), dtype=tl.float32)
     acc6 = tl.zeros((T,), dtype=tl.float32)
     acc7 = tl.zeros((T,), dtype=tl.float32)
-    wg, wh, sg0, sg1, sh0, sh1 = _mma_gemv_loads(w_ptr, sw_ptr, rows_g, rows_h, seg_lo + warp, seg_hi, K,
+    wg, wh, sg0, sg1, sh0, sh1 = _mma_gemv_loads(w_ptr, sw_ptr, rows_g, rows_h, q, seg_lo + warp, seg_hi, K,
                                                  stride_wn, stride_sn, stride_sk, NVFP4)
     for seg0 in range(seg_lo, seg_hi, WARPS):
         seg = seg0 + warp  # this warp's segment
-        n_wg, n_wh, n_sg0, n_sg1, n_sh0, n_sh1 = _mma_gemv_loads(w_ptr, sw_ptr, rows_g, rows_h, seg + WARPS,
+        n_wg, n_wh, n_sg0, n_sg1, n_sh0, n_sh1 = _mma_gemv_loads(w_ptr, sw_ptr, rows_g, rows_h, q, seg + WARPS,
                                                                  seg_hi, K, stride_wn, stride_sn, stride_sk, NVFP4)
         chunk = seg * 4 + q
         k_ok = (seg < seg_hi) & (chunk < K // 32)
