@@ -291,22 +291,51 @@ def _quarters(t):
 # the activations' own pairs: the int32 pairs of bf16 read beside the word go to the MMA as they are.
 
 
-def _e2m1_mma_ptx(token_tiles):
+# Two ways to decode. The lookup above gives each code's own bf16 value, for any block scale. The fast
+# way places bits instead: a code's three magnitude bits put under bf16's two lowest exponent bits and
+# its top mantissa bit (bits 8..6), and its sign at bit 15, make a bf16 number equal to the code's value
+# times 2^-126 -- the codes 0 and 0.5 land on bf16 subnormals by the same rule, so no code is special.
+# The low and high nibbles of a byte are the elements 2j and 2j + 1 of a pair: one byte permute puts
+# the low nibbles' byte j at bits 0..7 and the high nibbles' byte j at bits 16..23 (zeros between),
+# one multiplication by 0x1040 adds that word shifted by 6 (magnitudes to bits 8..6 and 24..22) to it
+# shifted by 12 (signs to bits 15 and 31) -- the two copies share no bit, so nothing carries -- and one
+# AND keeps those eight bits: three integer instructions per pair and no lookup constants. The 2^-126
+# goes into the block scale, which multiplies the pair anyway: the scale times 2^118, a BF16 number for
+# every E4M3 scale and for E8M0 scales from 2^-111 to 2^9 (others take the lookup), makes the products
+# the weights times 2^-8 -- exact, like the lookup's -- and the FP32 sums are multiplied by 2^8 at the end.
+_E2M1_PLACE_PTX = """and.b32 lo, {src}, 0x0F0F0F0F;
+shr.u32 hi, {src}, 4;
+and.b32 hi, hi, 0x0F0F0F0F;
+"""
+PLACED_EXPONENT = tl.constexpr(118)  # the fast decode's block scales are multiplied by 2^118, its sums by 2^8
+# E8M0 codes the fast decode takes: scales 2^-111 .. 2^9, so that no scaled weight is a bf16 subnormal
+FAST_E8M0_LO, FAST_E8M0_HI = tl.constexpr(16), tl.constexpr(136)
+
+
+def _e2m1_mma_ptx(token_tiles, fast):
     """The decode-and-multiply block of _fp4_mma_gemv_kernel for 8 or 16 activation rows: outputs the
     4 * token_tiles accumulators, then inputs: the same accumulators, the words of rows g and g + 8,
-    their scales (BF16 pairs), and four activation registers per tile of 8 activation rows."""
+    their scales (BF16 pairs), and four activation registers per tile of 8 activation rows. ``fast``:
+    the bit-placement decode (scales times 2^118), else the lookup."""
     n = 4 * token_tiles
     wg, wh, sg, sh = (f"${2 * n + i}" for i in range(4))
 
     def decode(src, scale, out):  # pairs (e0, e1), (e2, e3), (e4, e5), (e6, e7) of the word, scaled
+        if fast:
+            return (_E2M1_PLACE_PTX.format(src=src)
+                    + "".join(f"prmt.b32 {out}{i}, lo, hi, {sel};\n"
+                              f"mul.lo.u32 {out}{i}, {out}{i}, 0x1040;\n"
+                              f"and.b32 {out}{i}, {out}{i}, 0x81C081C0;\n"
+                              for i, sel in enumerate(("0x8480", "0x9591", "0xA6A2", "0xB7B3")))
+                    + "".join(f"mul.rn.bf16x2 {out}{i}, {out}{i}, {scale};\n" for i in range(4)))
         return (_E2M1_LOOKUP_PTX.format(src=src)
                 + "".join(f"prmt.b32 {out}{i}, lo{i // 2}, hi{i // 2}, {sel};\n"
                           for i, sel in enumerate(("0x5140", "0x7362", "0x5140", "0x7362")))
                 + "".join(f"mul.rn.bf16x2 {out}{i}, {out}{i}, {scale};\n" for i in range(4)))
 
     mma = "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"
-    regs = "mag, mag_hi, sgn, sgn_lo, sgn_hi, lo0, lo1, hi0, hi1, s0, s1, p0, p1, p2, p3, r0, r1, r2, r3"
-    body = ["{", f".reg .b32 {regs};", decode(wg, sg, "p") + decode(wh, sh, "r")]
+    regs = ("lo, hi" if fast else "mag, mag_hi, sgn, sgn_lo, sgn_hi, lo0, lo1, hi0, hi1, s0, s1")
+    body = ["{", f".reg .b32 {regs}, p0, p1, p2, p3, r0, r1, r2, r3;", decode(wg, sg, "p") + decode(wh, sh, "r")]
     for t in range(token_tiles):
         d = ", ".join(f"${4 * t + i}" for i in range(4))
         c = ", ".join(f"${n + 4 * t + i}" for i in range(4))
@@ -316,8 +345,10 @@ def _e2m1_mma_ptx(token_tiles):
     return "\n".join(body + ["}"])
 
 
-_E2M1_MMA_PTX = tl.constexpr(_e2m1_mma_ptx(1))
-_E2M1_MMA16_PTX = tl.constexpr(_e2m1_mma_ptx(2))
+_E2M1_MMA_PTX = tl.constexpr(_e2m1_mma_ptx(1, False))
+_E2M1_MMA16_PTX = tl.constexpr(_e2m1_mma_ptx(2, False))
+_E2M1_PLACE_MMA_PTX = tl.constexpr(_e2m1_mma_ptx(1, True))
+_E2M1_PLACE_MMA16_PTX = tl.constexpr(_e2m1_mma_ptx(2, True))
 
 
 @triton.jit
@@ -346,18 +377,33 @@ def _mma_gemv_loads(w_ptr, sw_ptr, rows_g, rows_h, q, seg, seg_hi, K, stride_wn,
 
 
 @triton.jit
-def _scale_pair(s, NVFP4: tl.constexpr, PTX: tl.constexpr):
+def _scale_pair(s, NVFP4: tl.constexpr, PTX: tl.constexpr, FAST: tl.constexpr):
     """uint8 block scales -> BF16 pairs in int32 for mul.bf16x2 (exact: E8M0 and E4M3 values are BF16
-    numbers), or as float32 for the interpreter's emulation."""
+    numbers), or as float32 for the interpreter's emulation. FAST: the scales times 2^118, for the
+    bit-placement decode (E8M0: the bf16 pattern of 2^(e - 9), one multiply-add)."""
+    if FAST and PTX and not NVFP4:
+        return (s.to(tl.int32) + PLACED_EXPONENT) * 0x00800080
     if NVFP4:
         v = s.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+    elif FAST:  # scales outside FAST_E8M0 are not used (their program runs the lookup): clamped, no Inf
+        v = from_e8m0(tl.minimum(tl.maximum(s.to(tl.int32), FAST_E8M0_LO), FAST_E8M0_HI))
     else:
         v = from_e8m0(s.to(tl.int32))
+    if FAST:
+        v = v * 2.0 ** PLACED_EXPONENT  # exact; only in range scales are used (see FAST_E8M0_LO)
     if PTX:
         bits = v.to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
         return bits | (bits << 16)
     else:
         return v
+
+
+@triton.jit
+def _placed_pair(w, j: tl.constexpr):
+    """The interpreter's version of the fast decode of byte j of a word (see _E2M1_PLACE_PTX): the pair
+    (low nibble, high nibble) as bf16 patterns of value * 2^-126, in int32."""
+    t = ((w >> (8 * j)) & 0x0F) | (((w >> (8 * j + 4)) & 0x0F) << 16)
+    return ((t << 6) & 0x01C001C0) | ((t << 12) & 0x00008000) | (((t >> 19) & 1) << 31)
 
 
 @triton.jit
@@ -370,7 +416,8 @@ def _pair_value(pair, HIGH: tl.constexpr):
 
 
 @triton.jit
-def _mma_emulated(acc0, acc1, acc2, acc3, wg, wh, sg, sh, b0, b1, b2, b3, WARPS: tl.constexpr):
+def _mma_emulated(acc0, acc1, acc2, acc3, wg, wh, sg, sh, b0, b1, b2, b3, WARPS: tl.constexpr,
+                  FAST: tl.constexpr):
     """The interpreter's stand-in for one block of _e2m1_mma_ptx (one tile of 8 activation rows): the
     same registers, decoded to float32 (scales ``sg``, ``sh`` as float32) and multiplied as the two
     mma.sync m16n8k16 define it -- lane (g, q) of a warp holds elements 0..7 of its word for K positions
@@ -389,8 +436,13 @@ def _mma_emulated(acc0, acc1, acc2, acc3, wg, wh, sg, sh, b0, b1, b2, b3, WARPS:
         else:
             pair = b3
         xv = tl.reshape(_pair_value(pair, i % 2 == 1), (WARPS, 1, 8, 4))
-        ag = tl.reshape(_e2m1_value((wg >> (4 * i)) & 0xF) * sg, (WARPS, 8, 1, 4))
-        ah = tl.reshape(_e2m1_value((wh >> (4 * i)) & 0xF) * sh, (WARPS, 8, 1, 4))
+        if FAST:  # the placed bits, read as bf16 (value * 2^-126), times the scale * 2^118
+            vg = _pair_value(_placed_pair(wg, i // 2), i % 2 == 1)
+            vh = _pair_value(_placed_pair(wh, i // 2), i % 2 == 1)
+        else:
+            vg, vh = _e2m1_value((wg >> (4 * i)) & 0xF), _e2m1_value((wh >> (4 * i)) & 0xF)
+        ag = tl.reshape(vg * sg, (WARPS, 8, 1, 4))
+        ah = tl.reshape(vh * sh, (WARPS, 8, 1, 4))
         dg += tl.sum(ag * xv, axis=3)
         dh += tl.sum(ah * xv, axis=3)
     g0, g1 = tl.split(tl.reshape(dg, (WARPS, 8, 4, 2)))  # lane (g, q) keeps activation rows 2q, 2q + 1
@@ -402,26 +454,90 @@ def _mma_emulated(acc0, acc1, acc2, acc3, wg, wh, sg, sh, b0, b1, b2, b3, WARPS:
 
 @triton.jit
 def _mma_step(acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, w_g, w_h, s_g, s_h, b0, b1, b2, b3, b4, b5, b6,
-              b7, TOKENS16: tl.constexpr, PTX: tl.constexpr, WARPS: tl.constexpr):
+              b7, TOKENS16: tl.constexpr, PTX: tl.constexpr, WARPS: tl.constexpr, FAST: tl.constexpr):
     """One word of codes per thread and row into the accumulators: compiled, one _e2m1_mma_ptx block
     (scales as BF16 pairs); interpreted, _mma_emulated (scales as float32)."""
     if PTX:
         if TOKENS16:
+            if FAST:
+                asm: tl.constexpr = _E2M1_PLACE_MMA16_PTX
+            else:
+                asm: tl.constexpr = _E2M1_MMA16_PTX
             acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = tl.inline_asm_elementwise(
-                _E2M1_MMA16_PTX, "=f,=f,=f,=f,=f,=f,=f,=f,f,f,f,f,f,f,f,f,r,r,r,r,r,r,r,r,r,r,r,r",
+                asm, "=f,=f,=f,=f,=f,=f,=f,=f,f,f,f,f,f,f,f,f,r,r,r,r,r,r,r,r,r,r,r,r",
                 [acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, w_g, w_h, s_g, s_h, b0, b1, b2, b3,
                  b4, b5, b6, b7], dtype=(tl.float32,) * 8, is_pure=True, pack=1)
         else:
+            if FAST:
+                asm: tl.constexpr = _E2M1_PLACE_MMA_PTX
+            else:
+                asm: tl.constexpr = _E2M1_MMA_PTX
             acc0, acc1, acc2, acc3 = tl.inline_asm_elementwise(
-                _E2M1_MMA_PTX, "=f,=f,=f,=f,f,f,f,f,r,r,r,r,r,r,r,r",
+                asm, "=f,=f,=f,=f,f,f,f,f,r,r,r,r,r,r,r,r",
                 [acc0, acc1, acc2, acc3, w_g, w_h, s_g, s_h, b0, b1, b2, b3],
                 dtype=(tl.float32,) * 4, is_pure=True, pack=1)
     else:
-        acc0, acc1, acc2, acc3 = _mma_emulated(acc0, acc1, acc2, acc3, w_g, w_h, s_g, s_h, b0, b1, b2, b3, WARPS)
+        acc0, acc1, acc2, acc3 = _mma_emulated(acc0, acc1, acc2, acc3, w_g, w_h, s_g, s_h, b0, b1, b2, b3, WARPS,
+                                               FAST)
         if TOKENS16:
             acc4, acc5, acc6, acc7 = _mma_emulated(acc4, acc5, acc6, acc7, w_g, w_h, s_g, s_h, b4, b5, b6, b7,
-                                                   WARPS)
+                                                   WARPS, FAST)
     return acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7
+
+
+@triton.jit
+def _mma_k_loop(x_base, x2_base, x_ok, x2_ok, w_ptr, sw_ptr, rows_g, rows_h, q, warp, seg_lo, seg_hi, K,
+                stride_wn, stride_sn, stride_sk, NVFP4: tl.constexpr, WARPS: tl.constexpr,
+                TOKENS16: tl.constexpr, PTX: tl.constexpr, FAST: tl.constexpr):
+    """The K loop of _fp4_mma_gemv_kernel: this thread's accumulators, and (FAST, MXFP4) whether any of
+    its blocks had a scale outside FAST_E8M0_LO..FAST_E8M0_HI."""
+    T: tl.constexpr = 32 * WARPS
+    offs4 = tl.arange(0, 4)
+    acc0 = tl.zeros((T,), dtype=tl.float32)
+    acc1 = tl.zeros((T,), dtype=tl.float32)
+    acc2 = tl.zeros((T,), dtype=tl.float32)
+    acc3 = tl.zeros((T,), dtype=tl.float32)
+    acc4 = tl.zeros((T,), dtype=tl.float32)  # the second tile of activation rows (TOKENS16)
+    acc5 = tl.zeros((T,), dtype=tl.float32)
+    acc6 = tl.zeros((T,), dtype=tl.float32)
+    acc7 = tl.zeros((T,), dtype=tl.float32)
+    outside = tl.zeros((T,), dtype=tl.int1)
+    wg, wh, sg0, sg1, sh0, sh1 = _mma_gemv_loads(w_ptr, sw_ptr, rows_g, rows_h, q, seg_lo + warp, seg_hi, K,
+                                                 stride_wn, stride_sn, stride_sk, NVFP4)
+    for seg0 in range(seg_lo, seg_hi, WARPS):
+        seg = seg0 + warp  # this warp's segment
+        n_wg, n_wh, n_sg0, n_sg1, n_sh0, n_sh1 = _mma_gemv_loads(w_ptr, sw_ptr, rows_g, rows_h, q, seg + WARPS,
+                                                                 seg_hi, K, stride_wn, stride_sn, stride_sk, NVFP4)
+        chunk = seg * 4 + q
+        k_ok = (seg < seg_hi) & (chunk < K // 32)
+        if FAST and not NVFP4:
+            eg, eh = sg0.to(tl.int32), sh0.to(tl.int32)
+            outside |= k_ok & ((eg < FAST_E8M0_LO) | (eg > FAST_E8M0_HI) | (eh < FAST_E8M0_LO) | (eh > FAST_E8M0_HI))
+        offs = (16 * chunk)[:, None] + offs4[None, :]  # (T, 4): the pairs of word 0 of the chunk
+        sg0, sg1 = _scale_pair(sg0, NVFP4, PTX, FAST), _scale_pair(sg1, NVFP4, PTX, FAST)
+        sh0, sh1 = _scale_pair(sh0, NVFP4, PTX, FAST), _scale_pair(sh1, NVFP4, PTX, FAST)
+        wg0, wg2, wg1, wg3 = _quarters(wg)
+        wh0, wh2, wh1, wh3 = _quarters(wh)
+        for u in tl.static_range(4):
+            if u == 0:
+                w_g, w_h = wg0, wh0
+            elif u == 1:
+                w_g, w_h = wg1, wh1
+            elif u == 2:
+                w_g, w_h = wg2, wh2
+            else:
+                w_g, w_h = wg3, wh3
+            s_g, s_h = (sg0, sh0) if u < 2 else (sg1, sh1)
+            b0, b2, b1, b3 = _quarters(tl.load(x_base[:, None] + offs + 4 * u, mask=(k_ok & x_ok)[:, None], other=0))
+            b4, b5, b6, b7 = b0, b1, b2, b3  # unused unless TOKENS16
+            if TOKENS16:
+                b4, b6, b5, b7 = _quarters(tl.load(x2_base[:, None] + offs + 4 * u, mask=(k_ok & x2_ok)[:, None],
+                                                   other=0))
+            acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = _mma_step(
+                acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, w_g, w_h, s_g, s_h, b0, b1, b2, b3, b4, b5, b6, b7,
+                TOKENS16, PTX, WARPS, FAST)
+        wg, wh, sg0, sg1, sh0, sh1 = n_wg, n_wh, n_sg0, n_sg1, n_sh0, n_sh1
+    return acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, outside
 
 
 @triton.jit
@@ -444,7 +560,10 @@ def _fp4_mma_gemv_kernel(
     blocks) of rows g and g + 8 and the activations of its K positions for activation rows g (and
     g + 8), and adds eight MMAs per tile of 8 activation rows into its FP32 accumulators; the next
     segment's codes and scales are loaded before this one is decoded. The warps' sums are added once,
-    after the K loop."""
+    after the K loop.
+
+    The codes are decoded by bit placement (the fast decode); an MXFP4 program that meets a block
+    scale outside FAST_E8M0_LO..FAST_E8M0_HI (which that decode cannot carry) runs its K loop again with the lookup."""
     T: tl.constexpr = 32 * WARPS
     lane = tl.arange(0, T)
     g = (lane % 32) // 4
@@ -460,53 +579,22 @@ def _fp4_mma_gemv_kernel(
     per_split = tl.cdiv(tl.cdiv(segs, SPLIT_K), WARPS) * WARPS
     seg_lo = tl.program_id(1) * per_split
     seg_hi = tl.minimum(segs, seg_lo + per_split)
-    offs4 = tl.arange(0, 4)
-    acc0 = tl.zeros((T,), dtype=tl.float32)
-    acc1 = tl.zeros((T,), dtype=tl.float32)
-    acc2 = tl.zeros((T,), dtype=tl.float32)
-    acc3 = tl.zeros((T,), dtype=tl.float32)
-    acc4 = tl.zeros((T,), dtype=tl.float32)  # the second tile of activation rows (TOKENS16)
-    acc5 = tl.zeros((T,), dtype=tl.float32)
-    acc6 = tl.zeros((T,), dtype=tl.float32)
-    acc7 = tl.zeros((T,), dtype=tl.float32)
-    wg, wh, sg0, sg1, sh0, sh1 = _mma_gemv_loads(w_ptr, sw_ptr, rows_g, rows_h, q, seg_lo + warp, seg_hi, K,
-                                                 stride_wn, stride_sn, stride_sk, NVFP4)
-    for seg0 in range(seg_lo, seg_hi, WARPS):
-        seg = seg0 + warp  # this warp's segment
-        n_wg, n_wh, n_sg0, n_sg1, n_sh0, n_sh1 = _mma_gemv_loads(w_ptr, sw_ptr, rows_g, rows_h, q, seg + WARPS,
-                                                                 seg_hi, K, stride_wn, stride_sn, stride_sk, NVFP4)
-        chunk = seg * 4 + q
-        k_ok = (seg < seg_hi) & (chunk < K // 32)
-        offs = (16 * chunk)[:, None] + offs4[None, :]  # (T, 4): the pairs of word 0 of the chunk
-        sg0, sg1 = _scale_pair(sg0, NVFP4, PTX), _scale_pair(sg1, NVFP4, PTX)
-        sh0, sh1 = _scale_pair(sh0, NVFP4, PTX), _scale_pair(sh1, NVFP4, PTX)
-        wg0, wg2, wg1, wg3 = _quarters(wg)
-        wh0, wh2, wh1, wh3 = _quarters(wh)
-        for u in tl.static_range(4):
-            if u == 0:
-                w_g, w_h = wg0, wh0
-            elif u == 1:
-                w_g, w_h = wg1, wh1
-            elif u == 2:
-                w_g, w_h = wg2, wh2
-            else:
-                w_g, w_h = wg3, wh3
-            s_g, s_h = (sg0, sh0) if u < 2 else (sg1, sh1)
-            b0, b2, b1, b3 = _quarters(tl.load(x_base[:, None] + offs + 4 * u, mask=(k_ok & x_ok)[:, None], other=0))
-            b4, b5, b6, b7 = b0, b1, b2, b3  # unused unless TOKENS16
-            if TOKENS16:
-                b4, b6, b5, b7 = _quarters(tl.load(x2_base[:, None] + offs + 4 * u, mask=(k_ok & x2_ok)[:, None],
-                                                   other=0))
-            acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = _mma_step(
-                acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, w_g, w_h, s_g, s_h, b0, b1, b2, b3, b4, b5, b6, b7,
-                TOKENS16, PTX, WARPS)
-        wg, wh, sg0, sg1, sh0, sh1 = n_wg, n_wh, n_sg0, n_sg1, n_sh0, n_sh1
+    acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, outside = _mma_k_loop(
+        x_base, x2_base, x_ok, x2_ok, w_ptr, sw_ptr, rows_g, rows_h, q, warp, seg_lo, seg_hi, K,
+        stride_wn, stride_sn, stride_sk, NVFP4, WARPS, TOKENS16, PTX, True)
+    unscale = 2.0 ** (126 - PLACED_EXPONENT)  # the fast decode's products are the weights times 2^-8
+    if not NVFP4:
+        if tl.max(outside.to(tl.int32), axis=0) > 0:
+            acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, outside = _mma_k_loop(
+                x_base, x2_base, x_ok, x2_ok, w_ptr, sw_ptr, rows_g, rows_h, q, warp, seg_lo, seg_hi, K,
+                stride_wn, stride_sn, stride_sk, NVFP4, WARPS, TOKENS16, PTX, False)
+            unscale = 1.0
     # the warps' partial sums, added in a fixed order, then stored: accumulators 0, 1 hold W row g
     # times activation rows 2q, 2q + 1, accumulators 2, 3 W row g + 8 (4..7 the same for rows 8 + 2q..)
     l32 = tl.arange(0, 32)
     r = tl.program_id(0) * 16 + l32 // 4
     col = 2 * (l32 % 4)
-    ts = tl.load(ts_ptr) if NVFP4 else 1.0
+    ts = (tl.load(ts_ptr) if NVFP4 else 1.0) * unscale
     _store_mma(acc0, ts, c_ptr, ws_ptr, r, col, M, N, stride_cm, stride_cn, WARPS, SPLIT_K)
     _store_mma(acc1, ts, c_ptr, ws_ptr, r, col + 1, M, N, stride_cm, stride_cn, WARPS, SPLIT_K)
     _store_mma(acc2, ts, c_ptr, ws_ptr, r + 8, col, M, N, stride_cm, stride_cn, WARPS, SPLIT_K)
