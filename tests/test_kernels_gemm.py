@@ -238,6 +238,27 @@ def test_fp4_decoding_covers_every_code(rows):
                                   dequantize_fp4_reference(packed, nv_scales, format="nvfp4", tensor_scale=ts)[:, :rows])
 
 
+@pytest.mark.parametrize("rows", [1, 9], ids=["one", "nine"])
+def test_fp4_fast_decode_scale_range(rows):
+    """The MMA kernel's bit-placement decode carries every E4M3 scale, and E8M0 scales from code 16 to
+    136; a program (16 weight rows) that meets an E8M0 scale outside that range reruns with the lookup.
+    Every code times: every E4M3 scale code, and E8M0 scales at and just beyond both ends of the range
+    (programs 1 and 2 hold one such row each), exactly."""
+    from companion.mx import pack_fp4
+
+    eye = torch.eye(32, dtype=torch.bfloat16, device=DEVICE)[3:3 + rows]  # codes 3 (1.5), 4, ...
+    e8m0 = [16, 136, 127, 100, 60, 130, 17, 135] * 2
+    mx_scales = torch.tensor(e8m0 + e8m0[:7] + [15] + e8m0[:7] + [137], dtype=torch.uint8)[:, None]
+    nv_scales = torch.cat([torch.arange(0, 0x7F), torch.tensor([0xB8, 0x81, 0xFE])]).to(torch.uint8)[:, None]
+    for fmt, scales in (("mxfp4", mx_scales), ("nvfp4", nv_scales.repeat(1, 2))):
+        packed = pack_fp4(torch.arange(16, dtype=torch.uint8).repeat(scales.shape[0], 2)).to(DEVICE)
+        scales = scales.to(DEVICE)
+        ts = torch.tensor(0.5, device=DEVICE) if fmt == "nvfp4" else None
+        got = w4a16_matmul(eye, packed, scales, format=fmt, tensor_scale=ts, out_dtype=torch.float32)
+        want = dequantize_fp4_reference(packed, scales, format=fmt, tensor_scale=ts)[:, 3:3 + rows]
+        np.testing.assert_array_equal(got.t().cpu().double().numpy(), want)
+
+
 def test_fp4_gemm_bad_input():
     codes, scales, ts, _ = fp4_weights(16, 64, 12, "nvfp4")
     mx_codes, mx_scales, _, _ = fp4_weights(16, 64, 13, "mxfp4")
