@@ -387,7 +387,7 @@ def _scale_pair(s, NVFP4: tl.constexpr, PTX: tl.constexpr, FAST: tl.constexpr):
         return (s.to(tl.int32) + PLACED_EXPONENT) * 0x00800080
     if NVFP4:
         v = s.to(tl.float8e4nv, bitcast=True).to(tl.float32)
-    elif FAST:  # scales outside FAST_E8M0 are not used (their program runs the lookup): clamped, no Inf
+    elif FAST:  # scales outside FAST_E8M0_LO..HI are not used (the program reruns): clamped, no Inf
         v = from_e8m0(tl.minimum(tl.maximum(s.to(tl.int32), FAST_E8M0_LO), FAST_E8M0_HI))
     else:
         v = from_e8m0(s.to(tl.int32))
@@ -514,7 +514,9 @@ def _mma_k_loop(x_base, x2_base, x_ok, x2_ok, w_ptr, sw_ptr, rows_g, rows_h, q, 
         k_ok = (seg < seg_hi) & (chunk < K // 32)
         if FAST and not NVFP4:
             eg, eh = sg0.to(tl.int32), sh0.to(tl.int32)
-            outside |= k_ok & ((eg < FAST_E8M0_LO) | (eg > FAST_E8M0_HI) | (eh < FAST_E8M0_LO) | (eh > FAST_E8M0_HI))
+            e_lo = tl.minimum(eg, eh) < FAST_E8M0_LO
+            e_hi = tl.maximum(eg, eh) > FAST_E8M0_HI
+            outside |= k_ok & (e_lo | e_hi)
         offs = (16 * chunk)[:, None] + offs4[None, :]  # (T, 4): the pairs of word 0 of the chunk
         sg0, sg1 = _scale_pair(sg0, NVFP4, PTX, FAST), _scale_pair(sg1, NVFP4, PTX, FAST)
         sh0, sh1 = _scale_pair(sh0, NVFP4, PTX, FAST), _scale_pair(sh1, NVFP4, PTX, FAST)
@@ -565,7 +567,8 @@ def _fp4_mma_gemv_kernel(
     after the K loop.
 
     The codes are decoded by bit placement (the fast decode); an MXFP4 program that meets a block
-    scale outside FAST_E8M0_LO..FAST_E8M0_HI (which that decode cannot carry) runs its K loop again with the lookup."""
+    scale outside FAST_E8M0_LO..FAST_E8M0_HI, which that decode cannot carry, runs its K loop again
+    with the lookup."""
     T: tl.constexpr = 32 * WARPS
     lane = tl.arange(0, T)
     g = (lane % 32) // 4
