@@ -383,16 +383,19 @@ def _scale_pair(s, NVFP4: tl.constexpr, PTX: tl.constexpr, FAST: tl.constexpr):
     """uint8 block scales -> BF16 pairs in int32 for mul.bf16x2 (exact: E8M0 and E4M3 values are BF16
     numbers), or as float32 for the interpreter's emulation. FAST: the scales times 2^118, for the
     bit-placement decode (E8M0: the bf16 pattern of 2^(e - 9), one multiply-add)."""
-    if FAST and PTX and not NVFP4:
-        return (s.to(tl.int32) + PLACED_EXPONENT) * 0x00800080
+    if FAST and not NVFP4:  # scales outside FAST_E8M0_LO..HI give garbage here, unused (the program reruns)
+        e = s.to(tl.int32)
+        if PTX:
+            return (e + PLACED_EXPONENT) * 0x00800080
+        else:  # the same pattern, read as float32 (the clamp only keeps NumPy quiet about unused Inf)
+            e = tl.minimum(tl.maximum(e, FAST_E8M0_LO), FAST_E8M0_HI)
+            return _pair_value((e + PLACED_EXPONENT) * 0x00800080, False)
     if NVFP4:
         v = s.to(tl.float8e4nv, bitcast=True).to(tl.float32)
-    elif FAST:  # scales outside FAST_E8M0_LO..HI are not used (the program reruns): clamped, no Inf
-        v = from_e8m0(tl.minimum(tl.maximum(s.to(tl.int32), FAST_E8M0_LO), FAST_E8M0_HI))
     else:
         v = from_e8m0(s.to(tl.int32))
     if FAST:
-        v = v * 2.0 ** PLACED_EXPONENT  # exact; only in range scales are used (see FAST_E8M0_LO)
+        v = v * 2.0 ** PLACED_EXPONENT  # exact: every E4M3 scale times 2^118 is a BF16 number
     if PTX:
         bits = v.to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
         return bits | (bits << 16)
