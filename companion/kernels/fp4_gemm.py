@@ -309,6 +309,8 @@ _E2M1_PLACE_PTX = """and.b32 lo, {src}, 0x0F0F0F0F;
 shr.u32 hi, {src}, 4;
 and.b32 hi, hi, 0x0F0F0F0F;
 """
+PAIR_SPREAD = tl.constexpr(0x1040)  # 2^6 + 2^12
+PAIR_BITS = tl.constexpr(0x81C081C0)  # bits 31, 24..22, 15 and 8..6: the two placed codes
 PLACED_EXPONENT = tl.constexpr(118)  # the fast decode's block scales are multiplied by 2^118, its sums by 2^8
 # E8M0 codes the fast decode takes: scales 2^-111 .. 2^9, so that no scaled weight is a bf16 subnormal
 FAST_E8M0_LO, FAST_E8M0_HI = tl.constexpr(16), tl.constexpr(136)
@@ -326,8 +328,8 @@ def _e2m1_mma_ptx(token_tiles, fast):
         if fast:
             return (_E2M1_PLACE_PTX.format(src=src)
                     + "".join(f"prmt.b32 {out}{i}, lo, hi, {sel};\n"
-                              f"mul.lo.u32 {out}{i}, {out}{i}, 0x1040;\n"
-                              f"and.b32 {out}{i}, {out}{i}, 0x81C081C0;\n"
+                              f"mul.lo.u32 {out}{i}, {out}{i}, {PAIR_SPREAD.value:#x};\n"
+                              f"and.b32 {out}{i}, {out}{i}, {PAIR_BITS.value:#x};\n"
                               for i, sel in enumerate(("0x8480", "0x9591", "0xA6A2", "0xB7B3")))
                     + "".join(f"mul.rn.bf16x2 {out}{i}, {out}{i}, {scale};\n" for i in range(4)))
         return (_E2M1_LOOKUP_PTX.format(src=src)
@@ -407,8 +409,8 @@ def _scale_pair(s, NVFP4: tl.constexpr, PTX: tl.constexpr, FAST: tl.constexpr):
 def _placed_pair(w, j: tl.constexpr):
     """The interpreter's version of the fast decode of byte j of a word (see _E2M1_PLACE_PTX): the pair
     (low nibble, high nibble) as bf16 patterns of value * 2^-126, in int32."""
-    t = ((w >> (8 * j)) & 0x0F) | (((w >> (8 * j + 4)) & 0x0F) << 16)
-    return ((t << 6) & 0x01C001C0) | ((t << 12) & 0x00008000) | (((t >> 19) & 1) << 31)
+    t = ((w >> (8 * j)) & 0x0F) | (((w >> (8 * j + 4)) & 0x0F) << 16)  # the byte permute
+    return (t * PAIR_SPREAD) & (PAIR_BITS - 2 ** 32)  # as the PTX: int32 arithmetic wraps the same way
 
 
 @triton.jit
