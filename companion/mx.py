@@ -45,10 +45,12 @@ largest; it saturates, like ``satfinite``.
 Elements
 --------
 ``P_i = Q(V_i / X)`` where Q rounds to nearest, ties to even (as torch casts and ``cvt.rn`` do), and
-saturates to +-max (the spec's "clamping normal numbers").  V_i / X is exact (X is a power of two), so
-each element is rounded once.  MXINT8 codes are kept symmetric, in [-127, 127]; the code 0x80 (-2)
-is never produced but decodes.  Negative values that round to zero keep their sign in the float
-formats (code 0x8 is FP4's -0), as in torch and ml_dtypes.
+saturates to +-max (the spec's "clamping normal numbers"). V_i / X is exact (X is a power of two), so
+each element is rounded once. ``rounding="stochastic"`` replaces Q by stochastic rounding (the scale is
+unchanged): V_i / X goes to one of its two neighbours, up with probability equal to its distance above
+the lower one divided by their gap, so that it is unbiased. MXINT8 codes are kept symmetric, in
+[-127, 127]; the code 0x80 (-2) is never produced but decodes. Negative values that round to zero keep
+their sign in the float formats (code 0x8 is FP4's -0), as in torch and ml_dtypes.
 
 Special values
 --------------
@@ -205,13 +207,15 @@ class ElementType:
         """Element codes -> float64 values (before the block scale)."""
         return self.format.decode(np.asarray(codes)) * self.unit
 
-    def encode(self, v) -> np.ndarray:
-        """Values (already divided by the block scale) -> codes: nearest, ties to even, saturating."""
+    def encode(self, v, rounding="nearest_even", rng=None) -> np.ndarray:
+        """Values (already divided by the block scale) -> codes, saturating; nearest-even unless
+        ``rounding`` says otherwise (``"stochastic"`` draws from ``rng``, an int seed or a Generator)."""
         v = np.asarray(v, dtype=np.float64)
         if self.is_int:
             limit = self.format.max  # symmetric: -127 .. 127, as microxcaling clamps
-            return self.format.encode(np.clip(v / self.unit, -limit, limit)).astype(np.uint8)
-        return self.format.encode(v, saturate=True).astype(np.uint8)
+            return self.format.encode(np.clip(v / self.unit, -limit, limit), rounding=rounding,
+                                      rng=rng).astype(np.uint8)
+        return self.format.encode(v, rounding=rounding, saturate=True, rng=rng).astype(np.uint8)
 
     def ulp(self, v) -> np.ndarray:
         """Spacing of the element grid around |v| (the binade's spacing; the subnormal one near 0)."""
@@ -543,11 +547,15 @@ class MXTensor(_StorageAccounting):
                 f"{self.scale_rounding} scales, {float(self.bits_per_element):.4f} bits/element)")
 
 
-def quantize_mx(x, elem, block_size=MX_BLOCK_SIZE, axis=-1, scale_rounding="floor") -> MXTensor:
+def quantize_mx(x, elem, block_size=MX_BLOCK_SIZE, axis=-1, scale_rounding="floor",
+                rounding="nearest_even", rng=None) -> MXTensor:
     """Quantize ``x`` to the MX format with element type ``elem``, one E8M0 scale per block.
 
     Blocks are ``block_size`` consecutive elements along ``axis``; see the module docstring for
-    the scale rules, special values and padding.
+    the scale rules, special values and padding. ``rounding`` rounds the elements (the scales do not
+    depend on it): ``"nearest_even"``, the spec's, or ``"stochastic"`` with ``rng`` (an int seed or a
+    numpy Generator), which rounds each ``V_i / X`` to one of its two neighbours with probabilities
+    that make the expected value ``V_i / X``, as FP4 training recipes do for gradients.
     """
     who = "quantize_mx"
     et = element_type(elem)
@@ -563,7 +571,7 @@ def quantize_mx(x, elem, block_size=MX_BLOCK_SIZE, axis=-1, scale_rounding="floo
     nan_block = scales == E8M0_NAN
     e = np.where(nan_block, 0, scales.astype(np.int64) - E8M0_BIAS)
     v = np.where(nan_block[..., None], 0.0, np.ldexp(xb, -e[..., None].astype(np.int32)))  # exact
-    codes = et.encode(v)
+    codes = et.encode(v, rounding, rng)
     padded = _padded_shape(xf.shape, bs)
     elements = np.ascontiguousarray(_from_blocks(codes, bs, padded))
     return MXTensor(elements, np.ascontiguousarray(scales), et.name, block_size, axis,

@@ -381,6 +381,52 @@ def test_nvfp4_stochastic_rounding_is_adjacent_unbiased_and_reproducible():
     assert torch.equal(bits(again), bits(codes)) and not torch.equal(bits(other), bits(codes))
 
 
+def _mx_exact(x, scales):
+    """x / 2^e per block of 32 along rows, from E8M0 scale codes (exact in float32)."""
+    e = bits(scales).numpy().astype(np.int32) - 127
+    return np.ldexp(x.numpy(), -np.repeat(e, 32, axis=1)[:, :x.shape[1]])
+
+
+@pytest.mark.parametrize("elem", ["fp8_e4m3", "fp8_e5m2", "fp4_e2m1"])
+def test_mx_stochastic_rounding_is_adjacent_unbiased_and_reproducible(elem):
+    rows = 512
+    x = _stochastic_case(rows, seed=7) * 3.0  # amax 3: FP4's floor scale puts 3 at 6, E4M3's at 384
+    xd = x.to(DEVICE)
+    fmt = get_format(elem)
+    unpack = mx.unpack_fp4 if elem == "fp4_e2m1" else (lambda c: c)
+    codes, scales = quantize_mx_rows(xd, elem, rounding="stochastic", seed=3)
+    _, rtn_scales = quantize_mx_rows(xd, elem)
+    assert torch.equal(bits(scales), bits(rtn_scales))  # scales do not depend on the rounding
+    exact = _mx_exact(x, scales)
+    _neighbour_check(unpack(bits(codes).numpy()), exact, fmt, rows)
+    # The reference rounds stochastically too (its own draws), with the same scales.
+    ref = mx.quantize_mx(x, elem, rounding="stochastic", rng=5)
+    assert np.array_equal(ref.scales, bits(scales).numpy())
+    _neighbour_check(ref.elements, exact, fmt, rows)
+    again = quantize_mx_rows(xd, elem, rounding="stochastic", seed=3)[0]
+    other = quantize_mx_rows(xd, elem, rounding="stochastic", seed=4)[0]
+    shifted = quantize_mx_rows(xd, elem, rounding="stochastic", seed=3, offset=1)[0]
+    assert torch.equal(bits(again), bits(codes))
+    assert not torch.equal(bits(other), bits(codes)) and not torch.equal(bits(shifted), bits(codes))
+    with pytest.raises(ValueError, match="rounding"):
+        quantize_mx_rows(xd, elem, rounding="nearest_away")
+
+
+@pytest.mark.parametrize("elem", ["fp8_e4m3", "fp8_e5m2"])
+def test_mx_rows_and_columns_stochastic_rounding(elem):
+    rows = 256
+    x = _stochastic_case(rows, seed=8)[:, :64]  # the row pattern repeated down the columns
+    fmt = get_format(elem)
+    rc, rs, _, _ = quantize_mx_rows_and_columns(x.to(DEVICE), elem, rounding="stochastic", seed=9)
+    _neighbour_check(bits(rc).numpy(), _mx_exact(x, rs), fmt, rows)
+    xt = x.T.contiguous()  # now each column repeats the pattern down its rows, for the column blocks
+    _, _, cc, cs = quantize_mx_rows_and_columns(xt.to(DEVICE), elem, rounding="stochastic", seed=9)
+    assert torch.equal(bits(cs), bits(quantize_mx_rows_and_columns(xt.to(DEVICE), elem)[3]))
+    _neighbour_check(bits(cc).numpy().T, _mx_exact(x, bits(cs).T.contiguous()), fmt, rows)
+    again = quantize_mx_rows_and_columns(xt.to(DEVICE), elem, rounding="stochastic", seed=9)[2]
+    assert torch.equal(bits(again), bits(cc))
+
+
 def test_stochastic_rounding_draws_independently_per_element():
     # Every element is 1 + 2^-4, halfway between E4M3 1.0 and 1.125: each code is a fair coin. If
     # neighbouring columns (which share one Philox call) or rows shared their random bits, their codes

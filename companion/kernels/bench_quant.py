@@ -95,6 +95,7 @@ def _kernels(x):
         "nvfp4": lambda x: k.quantize_nvfp4_kernel(x),
         # Stochastic rounding: same bytes, plus one Philox call per 4 elements.
         "fp8_1x128_stochastic": lambda x: k.quantize_fp8_blockwise(x, (1, 128), rounding="stochastic", seed=1),
+        "mxfp4_rows_stochastic": lambda x: k.quantize_mx_rows(x, "fp4_e2m1", rounding="stochastic", seed=1),
         "nvfp4_stochastic": lambda x: k.quantize_nvfp4_kernel(x, rounding="stochastic", seed=1),
         # The tensor scale from an amax known in advance: no amax pass, one read of the input.
         "nvfp4_static_amax": lambda x: k.quantize_nvfp4_kernel(x, global_amax=amax),

@@ -119,6 +119,11 @@ def to_e4m3_stochastic(y, rand):
 
 
 @triton.jit
+def to_e5m2_stochastic(y, rand):
+    return round_to_code(y, rand, 8, 2, 15, 65536.0, 0x7B, 0x7E, True)
+
+
+@triton.jit
 def to_e2m1_stochastic(y, rand):
     return round_to_code(y, rand, 4, 1, 1, 2.0, 0x7, -1, True)
 

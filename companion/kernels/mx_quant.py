@@ -22,6 +22,12 @@ The arithmetic equals :func:`companion.mx.quantize_mx` bit for bit, with no floa
   element format's smallest subnormal, so it rounds to a signed zero either way;
 * codes are rounded by :func:`companion.kernels.float_codes.round_to_code` (nearest-even, saturating).
 
+``rounding="stochastic"`` rounds the codes stochastically instead (the scales do not change), from 16
+Philox bits per element keyed by ``seed`` and the element's position (``offset`` shifts the counters),
+as :func:`companion.kernels.float_codes.tile_random_bits` draws them. When one call writes both
+directions, an element's row-wise and column-wise codes use the same draw: each is unbiased, one
+Philox call serves both, and the two copies feed different GEMMs.
+
 Codes use the reference's layout: the blocked axis is padded with zeros to a multiple of 32, FP4 codes
 are packed two per byte along rows (first element in the low nibble, torch's ``float4_e2m1fn_x2``).
 """
@@ -33,7 +39,11 @@ import triton
 import triton.language as tl
 
 from companion import runtime
-from companion.kernels.float_codes import load_tile_fp32, to_e2m1, to_e4m3, to_e5m2
+from companion.kernels.fp8_blockwise import check_rounding
+from companion.kernels.float_codes import (
+    load_tile_fp32, tile_random_bits, to_e2m1, to_e2m1_stochastic, to_e4m3, to_e4m3_stochastic, to_e5m2,
+    to_e5m2_stochastic,
+)
 
 INPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 MX_ELEMENTS = {  # name -> (kernel id, emax, fp32(1 / max), torch dtype of the codes)
@@ -71,8 +81,15 @@ def _mx_scale(amax_bits, EMAX: tl.constexpr, INV_MAX: tl.constexpr, RCEIL: tl.co
 
 
 @triton.jit
-def _mx_codes(y, ELEM: tl.constexpr):
-    if ELEM == 0:
+def _mx_codes(y, rand, ELEM: tl.constexpr, STOCHASTIC: tl.constexpr):
+    if STOCHASTIC:
+        if ELEM == 0:
+            return to_e4m3_stochastic(y, rand)
+        elif ELEM == 1:
+            return to_e5m2_stochastic(y, rand)
+        else:
+            return to_e2m1_stochastic(y, rand)
+    elif ELEM == 0:
         return to_e4m3(y)
     elif ELEM == 1:
         return to_e5m2(y)
@@ -89,6 +106,7 @@ def _mx_kernel(
     col_scales_ptr,  # *uint8, (Mp / 32, K)
     M, K, Mp, Kp,  # shape of x and its padded extents
     stride_xm, stride_xk,  # strides of x, in elements
+    seed, offset,  # stochastic rounding: Philox seed, and an offset added to every Philox counter
     ELEM: tl.constexpr,  # 0 E4M3, 1 E5M2, 2 E2M1 (packed, rows only)
     EMAX: tl.constexpr,  # exponent of the element format's top binade
     INV_MAX: tl.constexpr,  # fp32(1 / max), for rceil
@@ -97,18 +115,23 @@ def _mx_kernel(
     COLS: tl.constexpr,  # write the column-wise (axis 0) quantization
     BLOCK_M: tl.constexpr,  # rows per program (a multiple of 32 when COLS)
     BLOCK_K: tl.constexpr,  # columns per program (a multiple of 32)
+    STOCHASTIC: tl.constexpr,  # round the codes stochastically instead of to nearest-even
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     x = load_tile_fp32(x_ptr, rows, cols, M, K, stride_xm, stride_xk)  # (BLOCK_M, BLOCK_K)
     magnitude = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+    rand = 0
+    if STOCHASTIC:  # one draw per element, shared by the two directions
+        rand = tile_random_bits(seed, offset, rows, tl.program_id(1) * BLOCK_K, K, BLOCK_M, BLOCK_K)
 
     if ROWS:
         NB: tl.constexpr = BLOCK_K // 32
         amax = tl.max(tl.reshape(magnitude, (BLOCK_M, NB, 32)), axis=2)  # (BLOCK_M, NB)
         code, inv_scale, special = _mx_scale(amax, EMAX, INV_MAX, RCEIL)
         y = tl.reshape(x, (BLOCK_M, NB, 32)) * inv_scale[:, :, None]
-        q = tl.where(special[:, :, None], 0, _mx_codes(y, ELEM))
+        r = tl.reshape(rand, (BLOCK_M, NB, 32)) if STOCHASTIC else 0
+        q = tl.where(special[:, :, None], 0, _mx_codes(y, r, ELEM, STOCHASTIC))
         q = tl.reshape(q, (BLOCK_M, BLOCK_K))
         blocks = tl.program_id(1) * NB + tl.arange(0, NB)
         s_mask = (rows[:, None] < M) & (blocks[None, :] < Kp // 32)
@@ -131,7 +154,8 @@ def _mx_kernel(
         amax = tl.max(tl.reshape(magnitude, (MB, 32, BLOCK_K)), axis=1)  # (MB, BLOCK_K)
         code, inv_scale, special = _mx_scale(amax, EMAX, INV_MAX, RCEIL)
         y = tl.reshape(x, (MB, 32, BLOCK_K)) * inv_scale[:, None, :]
-        q = tl.where(special[:, None, :], 0, _mx_codes(y, ELEM))
+        r = tl.reshape(rand, (MB, 32, BLOCK_K)) if STOCHASTIC else 0
+        q = tl.where(special[:, None, :], 0, _mx_codes(y, r, ELEM, STOCHASTIC))
         q = tl.reshape(q, (BLOCK_M, BLOCK_K))
         blocks = tl.program_id(0) * MB + tl.arange(0, MB)
         s_mask = (blocks[:, None] < Mp // 32) & (cols[None, :] < K)
@@ -142,7 +166,8 @@ def _mx_kernel(
         tl.store(col_codes_ptr + c_offsets, q.to(tl.uint8), mask=c_mask)
 
 
-def _check(x, elem, scale_rounding, who):
+def _check(x, elem, scale_rounding, rounding, who):
+    check_rounding(rounding)
     if elem not in MX_ELEMENTS:
         raise ValueError(f"{who}: elem must be one of {', '.join(MX_ELEMENTS)}, got {elem!r}")
     if scale_rounding not in SCALE_ROUNDINGS:
@@ -150,7 +175,7 @@ def _check(x, elem, scale_rounding, who):
     runtime.check_tensor(x, "x", dtypes=INPUT_DTYPES, contiguous=False, ndim=2)
 
 
-def _launch(x, elem, scale_rounding, rows, cols):
+def _launch(x, elem, scale_rounding, rounding, seed, offset, rows, cols):
     M, K = x.shape
     Mp, Kp = -(-M // 32) * 32, -(-K // 32) * 32
     kind, emax, inv_max, code_dtype = MX_ELEMENTS[elem]
@@ -167,9 +192,10 @@ def _launch(x, elem, scale_rounding, rows, cols):
         _mx_kernel[grid](
             x, row_codes if rows else dummy, row_scales if rows else dummy,
             col_codes if cols else dummy, col_scales if cols else dummy,
-            M, K, Mp, Kp, x.stride(0), x.stride(1),
+            M, K, Mp, Kp, x.stride(0), x.stride(1), int(seed), int(offset),
             ELEM=kind, EMAX=emax, INV_MAX=inv_max, RCEIL=scale_rounding == "rceil",
-            ROWS=rows, COLS=cols, BLOCK_M=block_m, BLOCK_K=block_k, num_warps=warps,
+            ROWS=rows, COLS=cols, BLOCK_M=block_m, BLOCK_K=block_k, STOCHASTIC=rounding == "stochastic",
+            num_warps=warps,
         )
     out = []
     if rows:
@@ -179,25 +205,30 @@ def _launch(x, elem, scale_rounding, rows, cols):
     return tuple(out)
 
 
-def quantize_mx_rows(x: torch.Tensor, elem: str = "fp8_e4m3", scale_rounding: str = "floor"):
+def quantize_mx_rows(x: torch.Tensor, elem: str = "fp8_e4m3", scale_rounding: str = "floor", *,
+                     rounding: str = "nearest_even", seed: int = 0, offset: int = 0):
     """MX-quantize a 2-D tensor along its rows (blocks of 32 along the last axis).
 
     Returns ``(codes, scales)`` as :meth:`companion.mx.MXTensor.to_torch` would: codes of shape
     ``(M, K padded to 32)`` (``float8_e4m3fn``/``float8_e5m2``; FP4 packed to ``float4_e2m1fn_x2`` of
     half that width) and E8M0 scales ``(M, K_padded / 32)`` as ``float8_e8m0fnu``.
+    ``rounding="stochastic"`` rounds the element codes stochastically (unbiased; Philox draws keyed by
+    ``seed`` and each element's position, ``offset`` shifting the counters); the scales stay as they are.
     """
-    _check(x, elem, scale_rounding, "quantize_mx_rows")
-    return _launch(x, elem, scale_rounding, rows=True, cols=False)
+    _check(x, elem, scale_rounding, rounding, "quantize_mx_rows")
+    return _launch(x, elem, scale_rounding, rounding, seed, offset, rows=True, cols=False)
 
 
-def quantize_mx_rows_and_columns(x: torch.Tensor, elem: str = "fp8_e4m3", scale_rounding: str = "floor"):
+def quantize_mx_rows_and_columns(x: torch.Tensor, elem: str = "fp8_e4m3", scale_rounding: str = "floor", *,
+                                 rounding: str = "nearest_even", seed: int = 0, offset: int = 0):
     """MXFP8 along rows and along columns from one read of ``x``.
 
     Returns ``(row_codes, row_scales, col_codes, col_scales)``: the first pair as
     :func:`quantize_mx_rows`; the second as ``quantize_mx(x, elem, axis=0)`` lays them out, codes
-    ``(M padded to 32, K)`` and scales ``(M_padded / 32, K)``.
+    ``(M padded to 32, K)`` and scales ``(M_padded / 32, K)``. ``rounding``, ``seed`` and ``offset`` as
+    in :func:`quantize_mx_rows`; an element's two codes are rounded with the same random draw.
     """
-    _check(x, elem, scale_rounding, "quantize_mx_rows_and_columns")
+    _check(x, elem, scale_rounding, rounding, "quantize_mx_rows_and_columns")
     if elem == "fp4_e2m1":
         raise ValueError("quantize_mx_rows_and_columns: MXFP4 column-wise codes are not supported; use fp8_e4m3 or fp8_e5m2")
-    return _launch(x, elem, scale_rounding, rows=True, cols=True)
+    return _launch(x, elem, scale_rounding, rounding, seed, offset, rows=True, cols=True)
