@@ -26,11 +26,12 @@ import triton.language as tl
 
 from companion import runtime
 
-# Compiled for the GPU, float32 -> E4M3 is one hardware conversion (cvt.rn.satfinite.e4m3x2.f32 on
-# Hopper): round to nearest even, saturate to +-448, NaN -> 0x7F, exactly the rule below. The
-# interpreter (triton 3.9) gets mantissa carries wrong, so there the integer rounding is used. The GPU
-# tests check the two paths give the same bits on every float32 exponent.
-HARDWARE_E4M3 = tl.constexpr(not runtime.INTERPRET)
+# Compiled for the GPU, float32 -> E4M3 and -> E5M2 are one hardware conversion each (on Hopper
+# cvt.rn.satfinite.e4m3x2.f32 / .e5m2x2.f32, converting two values per instruction): round to nearest
+# even, saturate to the largest finite value (Inf too), exactly the rule below. The interpreter
+# (triton 3.9) gets mantissa carries wrong, so there the integer rounding is used. The GPU tests check
+# the two paths give the same bits on random float32 bit patterns, which cover every exponent.
+HARDWARE_FP8 = tl.constexpr(not runtime.INTERPRET)
 
 
 @triton.jit
@@ -79,7 +80,7 @@ def round_to_code(
 @triton.jit
 def to_e4m3(y):
     """float32 -> OCP FP8 E4M3 codes (max 448 = 0x7E, NaN 0x7F, no Inf)."""
-    if HARDWARE_E4M3:
+    if HARDWARE_FP8:  # NaN -> 0x7F as below
         return y.to(tl.float8e4nv).to(tl.uint8, bitcast=True).to(tl.int32)
     else:
         return round_to_code(y, 0, 8, 3, 7, 512.0, 0x7E, 0x7F, False)
@@ -87,8 +88,13 @@ def to_e4m3(y):
 
 @triton.jit
 def to_e5m2(y):
-    """float32 -> OCP FP8 E5M2 codes (max 57344 = 0x7B, NaN 0x7E; Inf saturates)."""
-    return round_to_code(y, 0, 8, 2, 15, 65536.0, 0x7B, 0x7E, False)
+    """float32 -> OCP FP8 E5M2 codes (max 57344 = 0x7B; Inf saturates). No NaN: callers keep NaN out
+    (the MX kernel zeroes the codes of NaN blocks); the hardware would give 0x7F and -NaN 0xFF, the
+    integer path 0x7E, and mapping one to the other costs a fifth of the kernel's instructions."""
+    if HARDWARE_FP8:
+        return y.to(tl.float8e5).to(tl.uint8, bitcast=True).to(tl.int32)
+    else:
+        return round_to_code(y, 0, 8, 2, 15, 65536.0, 0x7B, 0x7E, False)
 
 
 @triton.jit
