@@ -10,6 +10,7 @@ import torch
 
 from companion import mx, runtime, scaling
 from companion.formats import get_format
+from companion.kernels import mx_quant
 from companion.kernels import (
     dequantize_fp8_blockwise, dequantize_mx, dequantize_nvfp4, fp8_blockwise_reference, nvfp4_reference,
     quantize_fp8_blockwise, quantize_mx_rows, quantize_mx_rows_and_columns, quantize_nvfp4_kernel,
@@ -211,6 +212,35 @@ def test_mx_non_contiguous():
                       torch.from_numpy(mx.quantize_mx(x, "fp4_e2m1").scales)))
 
 
+def _mxfp4_reference(x, scale_rounding="floor"):
+    ref = mx.quantize_mx(x, "fp4_e2m1", scale_rounding=scale_rounding)
+    return torch.from_numpy(mx.pack_fp4(ref.elements)), torch.from_numpy(ref.scales)
+
+
+@pytest.mark.parametrize("scale_rounding", ["floor", "rceil"])
+def test_mxfp4_from_bf16_pairs_every_bf16_value(scale_rounding):
+    # Every bf16 bit pattern once (NaN and Inf blocks included), in blocks of neighbouring patterns
+    # (every exponent as the block maximum, most codes near the top) and shuffled (wide blocks, ties
+    # and values rounding to zero), through the kernel that rounds two elements per instruction.
+    every = torch.arange(-2**15, 2**15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    shuffled = every[torch.randperm(every.numel(), generator=torch.Generator().manual_seed(0))]
+    for x in (every.reshape(64, 1024), shuffled.reshape(64, 1024)):
+        assert mx_quant._as_bf16_pairs(x) is not None
+        assert_same_bits(quantize_mx_rows(x.to(DEVICE), "fp4_e2m1", scale_rounding),
+                         _mxfp4_reference(x, scale_rounding))
+
+
+def test_mxfp4_from_bf16_ragged_strided_and_odd():
+    # Pairs where the view exists (even K, even strides and offset), the element path where it does not.
+    base = sample((37, 200), seed=12, dtype=torch.bfloat16)
+    cases = {"ragged tail": (base[:, :34], True), "strided rows": (base[:, 2:132], True),
+             "odd K": (base[:, :35], False), "odd offset": (base[:, 1:35], False), "column-major": (base[:, :40].t(), False),
+             "1 x 2": (base[:1, :2], True)}
+    for name, (x, paired) in cases.items():
+        assert (mx_quant._as_bf16_pairs(x) is not None) == paired, name
+        assert_same_bits(quantize_mx_rows(x.to(DEVICE), "fp4_e2m1"), _mxfp4_reference(x))
+
+
 # ---------------------------------------------------------------- NVFP4
 
 @pytest.mark.parametrize("shape", SHAPES + [(40, 48)])
@@ -304,6 +334,9 @@ def test_compiled_kernels_on_large_random_inputs():
     ref = mx.quantize_mx(x, "fp4_e2m1", scale_rounding="rceil")
     assert_same_bits(quantize_mx_rows(xd, "fp4_e2m1", "rceil"),
                      (torch.from_numpy(mx.pack_fp4(ref.elements)), torch.from_numpy(ref.scales)))
+    xb = x[:, :4132].bfloat16()  # even K: the bf16 pair kernel
+    for sr in ["floor", "rceil"]:
+        assert_same_bits(quantize_mx_rows(xb.cuda(), "fp4_e2m1", sr), _mxfp4_reference(xb, sr))
     got = quantize_nvfp4_kernel(xd)
     want = nvfp4_reference(x)
     assert_same_bits(got[:2], want[:2])

@@ -39,6 +39,7 @@ import triton
 import triton.language as tl
 
 from companion import runtime
+from companion.kernels.bf16_pairs import max_halves, to_e2m1_pairs
 from companion.kernels.fp8_blockwise import check_rounding
 from companion.kernels.float_codes import (
     load_tile_fp32, tile_random_bits, to_e2m1, to_e2m1_stochastic, to_e4m3, to_e4m3_stochastic, to_e5m2,
@@ -57,7 +58,7 @@ SCALE_ROUNDINGS = ("floor", "rceil")
 # MXFP4 4 x 1024 0.59 (8 x 512 0.57, 16 x 256 0.50-0.58). Both directions: 32 x 128 with two warps
 # 0.74 (four warps 0.59, 32 x 64 with two 0.68, 32 x 32 with one 0.54, 64 x 64 with two 0.63), as the
 # column maxima cross fewer warps. Repeated runs differ by a few percent.
-ROWS_CONFIG = {"fp8": (8, 512, 4), "fp4": (4, 1024, 4)}
+ROWS_CONFIG = {"fp8": (8, 512, 4), "fp4": (4, 1024, 4), "fp4_bf16": (4, 1024, 4)}
 ROWS_AND_COLUMNS_CONFIG = (32, 128, 2)
 
 
@@ -66,7 +67,7 @@ def _mx_scale(amax_bits, EMAX: tl.constexpr, INV_MAX: tl.constexpr, RCEIL: tl.co
     """int32 patterns of block maxima -> E8M0 codes (0xFF for NaN/Inf blocks) and 2^-e as float32."""
     special = amax_bits >= 0x7F800000
     if RCEIL:
-        d = amax_bits.to(tl.float32, bitcast=True) * INV_MAX
+        d = tl.where(special, 0, amax_bits).to(tl.float32, bitcast=True) * INV_MAX  # no NaN arithmetic
         d_bits = d.to(tl.int32, bitcast=True)
         exp_field = d_bits >> 23
         e = tl.where(exp_field > 0, exp_field - 127 + ((d_bits & 0x7FFFFF) != 0).to(tl.int32),
@@ -166,6 +167,46 @@ def _mx_kernel(
         tl.store(col_codes_ptr + c_offsets, q.to(tl.uint8), mask=c_mask)
 
 
+@triton.jit
+def _mxfp4_bf16_kernel(
+    x_ptr,  # *int32: a bf16 (M, K) tensor with contiguous rows, read as pairs: (M, K / 2) words
+    codes_ptr,  # *uint8, (M, Kp / 2): E2M1 codes packed two per byte, Kp = K padded to 32
+    scales_ptr,  # *uint8, (M, Kp / 32): E8M0 codes
+    M, K_WORDS, Kp,  # rows, K / 2, padded K
+    stride_xm,  # row stride of x, in words
+    EMAX: tl.constexpr, INV_MAX: tl.constexpr, RCEIL: tl.constexpr,  # as in _mx_kernel
+    BLOCK_M: tl.constexpr,  # rows per program
+    BLOCK_K: tl.constexpr,  # elements per row per program (a multiple of 32)
+):
+    """MXFP4 along rows from bf16 pairs: the whole element pass two elements per instruction."""
+    NB: tl.constexpr = BLOCK_K // 32
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    words = tl.program_id(1) * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
+    mask = (rows[:, None] < M) & (words[None, :] < K_WORDS)
+    w = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + words[None, :], mask=mask, other=0)
+    w = tl.reshape(w, (BLOCK_M, NB, 16))  # 16 words = one block of 32
+    amax = tl.reduce(w & 0x7FFF7FFF, 2, max_halves)  # the block's largest magnitude in each half
+    amax = tl.maximum(amax & 0xFFFF, amax >> 16)
+    code, inv_scale, special = _mx_scale(amax << 16, EMAX, INV_MAX, RCEIL)  # as float32 patterns
+    half = inv_scale.to(tl.int32, bitcast=True) >> 16  # 2^-e as bf16 (normal: e <= 126 for bf16 input)
+    q = to_e2m1_pairs(w, (half | (half << 16))[:, :, None])
+    keep = tl.where(special, 0, 0xFF)[:, :, None]  # NaN/Inf blocks: zero codes
+    packed = tl.reshape((q | (q >> 12)) & keep, (BLOCK_M, BLOCK_K // 2))  # first code low nibble, second high
+    blocks = tl.program_id(1) * NB + tl.arange(0, NB)
+    s_mask = (rows[:, None] < M) & (blocks[None, :] < Kp // 32)
+    tl.store(scales_ptr + rows[:, None].to(tl.int64) * (Kp // 32) + blocks[None, :], code.to(tl.uint8), mask=s_mask)
+    p_mask = (rows[:, None] < M) & (words[None, :] < Kp // 2)
+    tl.store(codes_ptr + rows[:, None].to(tl.int64) * (Kp // 2) + words[None, :], packed.to(tl.uint8), mask=p_mask)
+
+
+def _as_bf16_pairs(x):
+    """x viewed as int32 words of bf16 pairs, or None where the view does not exist (odd K, odd strides
+    or offset, non-contiguous rows)."""
+    if x.dtype != torch.bfloat16 or x.shape[1] % 2 or x.stride(1) != 1 or x.stride(0) % 2 or x.storage_offset() % 2:
+        return None
+    return x.view(torch.int32)
+
+
 def _check(x, elem, scale_rounding, rounding, who):
     check_rounding(rounding)
     if elem not in MX_ELEMENTS:
@@ -185,7 +226,17 @@ def _launch(x, elem, scale_rounding, rounding, seed, offset, rows, cols):
     row_scales = torch.empty((M, Kp // 32) if rows else (0,), dtype=torch.uint8, device=dev)
     col_codes = torch.empty((Mp, K) if cols else (0,), dtype=torch.uint8, device=dev)
     col_scales = torch.empty((Mp // 32, K) if cols else (0,), dtype=torch.uint8, device=dev)
-    if x.numel():
+    pairs = _as_bf16_pairs(x) if kind == 2 and rows and not cols and rounding == "nearest_even" else None
+    if x.numel() and pairs is not None:
+        block_m, block_k, warps = ROWS_CONFIG["fp4_bf16"]
+        # NaN and Inf go through the pair arithmetic (their codes are discarded); the interpreter, which
+        # emulates it with NumPy, is told not to warn about what the GPU does silently.
+        with np.errstate(invalid="ignore", over="ignore"):
+            _mxfp4_bf16_kernel[(triton.cdiv(M, block_m), triton.cdiv(Kp, block_k))](
+                pairs, row_codes, row_scales, M, K // 2, Kp, pairs.stride(0),
+                EMAX=emax, INV_MAX=inv_max, RCEIL=scale_rounding == "rceil", BLOCK_M=block_m, BLOCK_K=block_k,
+                num_warps=warps)
+    elif x.numel():
         block_m, block_k, warps = ROWS_AND_COLUMNS_CONFIG if cols else ROWS_CONFIG["fp4" if kind == 2 else "fp8"]
         grid = (triton.cdiv(M, block_m), triton.cdiv(Kp, block_k))
         dummy = row_codes if rows else col_codes
