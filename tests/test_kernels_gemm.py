@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from companion import runtime
-from companion.kernels import quantize_fp8_blockwise, quantize_mx_rows, quantize_nvfp4_kernel
+from companion.kernels import quantize_mx_rows, quantize_nvfp4_kernel
 from companion.kernels.fp4_gemm import (
     dequantize_fp4_reference, gemm_error_bound, matmul_reference, mxfp4_matmul, w4a16_matmul,
 )

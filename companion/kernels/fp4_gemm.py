@@ -16,14 +16,8 @@ Two ways to reach the Tensor Cores:
   and the FP32 tensor scale multiplies the FP32 sum once at the end. For M <= 16 the product is
   computed transposed, C^T = W X^T, so that the decoded weights are the MMA's wide operand.
 
-For decoding (M <= 16) on the GPU, ``_fp4_mma_gemv_kernel`` drives the Tensor Core's warp-level MMA
-from PTX with registers it fills itself: each thread decodes the codes it loaded straight into the
-registers the MMA reads (the K order is permuted so that this is possible, identically for both
-operands), so no decoded weight is moved between threads or through shared memory. A code becomes
-a bf16 number by bit placement (three integer instructions per pair of codes; the block scale absorbs
-the constant factor), with a byte-permute lookup kept for MXFP4 scales outside 2^-111..2^9. Under the
-interpreter, which cannot run PTX, the same kernel emulates the two MMAs on the same registers (each
-register reshaped across the lanes of its warp), so CI checks its indexing.
+For decoding (M <= 16) on the GPU, both formats run :mod:`companion.kernels.fp4_gemv` instead, which
+decodes each weight in the registers that the Tensor Core's warp-level MMA reads.
 
 Decoding is exact (every E2M1 x scale product is a bf16 number for scales between 2^-126 and 2^125),
 so the results differ from exact arithmetic only by the FP32 sums on the Tensor Cores and the final
@@ -37,7 +31,8 @@ import triton
 import triton.language as tl
 
 from companion import runtime
-from companion.kernels.float_codes import from_e8m0, round_for_store, to_fp32
+from companion.kernels.float_codes import round_for_store, to_fp32
+from companion.kernels.fp4_gemv import _E2M1_LOOKUP_PTX, _e2m1_value, _gemv_mma, _sum_splits
 from companion.formats import get_format
 from companion.mx import unpack_fp4
 
@@ -84,18 +79,6 @@ def _store_tile(acc, c_ptr, ws_ptr, offs_m, offs_n, M, N, stride_cm, stride_cn, 
 
 
 @triton.jit
-def _sum_splits_kernel(ws_ptr, c_ptr, M, N, stride_cm, stride_cn, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
-    """C = the SPLIT_K partial sums added in a fixed order (deterministic), rounded once."""
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < M * N
-    acc = tl.load(ws_ptr + offs, mask=mask, other=0.0)
-    for s in tl.static_range(1, SPLIT_K):
-        acc += tl.load(ws_ptr + s * M * N + offs, mask=mask, other=0.0)
-    c_ptrs = c_ptr + (offs // N).to(tl.int64) * stride_cm + (offs % N) * stride_cn
-    tl.store(c_ptrs, round_for_store(acc, c_ptr), mask=mask)
-
-
-@triton.jit
 def _dot_scaled_kernel(
     a_ptr, sa_ptr,  # A: bf16 (M, K), or packed E2M1 (M, K/2) with E8M0 scales (M, K/32)
     b_ptr, sb_ptr,  # B: packed E2M1 (N, K/2) with E8M0 scales (N, K/32)
@@ -136,18 +119,6 @@ def _dot_scaled_kernel(
 
 
 @triton.jit
-def _e2m1_value(nibble):
-    """E2M1 code (int32, 0..15) -> its value as float32, by placing its bits under fp16's.
-
-    Sign to bit 15, the two exponent bits and the mantissa bit to bits 11..9: the fp16 number is then
-    the E2M1 value times 2^-14 (the subnormal 0.5 lands on fp16's subnormal 2^-15, so the one rule
-    covers every code); widening to float32 and multiplying by 2^14 are exact.
-    """
-    bits = ((nibble & 8) << 12) | ((nibble & 7) << 9)
-    return bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32) * 16384.0
-
-
-@triton.jit
 def _nvfp4_w4a16_kernel(
     x_ptr,  # bf16 (M, K_X)
     w_ptr, sw_ptr,  # packed E2M1 (N, K/2); E4M3 block scales (N, K/16) as uint8
@@ -184,30 +155,9 @@ def _nvfp4_w4a16_kernel(
     _store_tile(acc, c_ptr, ws_ptr, offs_m, offs_n, M, N, stride_cm, stride_cn, SPLIT_K)
 
 
-# Eight E2M1 codes (one 32-bit register of packed bytes) -> eight bf16 values, with byte permutes as
-# lookup tables. A bf16 E2M1 value has one of eight high bytes and one of eight low bytes, so PRMT, which
-# picks bytes out of an 8-byte pool by 3-bit indices, looks up four of each at once; the three magnitude
-# bits of each nibble are the indices, and the sign bit picks 0x00 or 0x80 for the top bit. Results come
-# out split by nibble: $0, $1 hold the low nibbles of bytes 0..3 (elements 2j), $2, $3 the high ones.
-#   magnitude: 0    0.5    1      1.5    2      3      4      6
-#   bf16:      0000 3F00   3F80   3FC0   4000   4040   4080   40C0
-# The lookup itself (low bytes in lo0/lo1, high bytes with the sign in hi0/hi1, for the nibbles of
-# bytes 0-1 and 2-3) is shared with the float32 decoder of the GEMV below; {src} is the input register.
-_E2M1_LOOKUP_PTX = """
-and.b32 mag, {src}, 0x77777777;
-shr.u32 mag_hi, mag, 16;
-and.b32 sgn, {src}, 0x88888888;
-shr.u32 sgn_lo, sgn, 3;
-shr.u32 sgn_hi, sgn, 19;
-prmt.b32 lo0, 0xC0800000, 0xC0804000, mag;
-prmt.b32 lo1, 0xC0800000, 0xC0804000, mag_hi;
-prmt.b32 hi0, 0x3F3F3F00, 0x40404040, mag;
-prmt.b32 hi1, 0x3F3F3F00, 0x40404040, mag_hi;
-prmt.b32 s0, 0x00008000, 0, sgn_lo;
-prmt.b32 s1, 0x00008000, 0, sgn_hi;
-or.b32 hi0, hi0, s0;
-or.b32 hi1, hi1, s1;
-"""
+# Eight E2M1 codes (one 32-bit register of packed bytes) -> eight bf16 values, by the byte-permute
+# lookup of companion.kernels.fp4_gemv. Results come out split by nibble: $0, $1 hold the low nibbles
+# of bytes 0..3 (elements 2j), $2, $3 the high ones.
 _E2M1_TO_BF16_PTX = tl.constexpr("""
 {
 .reg .b32 mag, mag_hi, sgn, sgn_lo, sgn_hi, lo0, lo1, hi0, hi1, s0, s1;""" + _E2M1_LOOKUP_PTX.format(src="$4") + """prmt.b32 $0, lo0, hi0, 0x6240;
@@ -274,361 +224,6 @@ def _nvfp4_decode_kernel(
     _store_tile(tl.trans(acc), c_ptr, ws_ptr, offs_m, offs_n, M, N, stride_cm, stride_cn, SPLIT_K)
 
 
-@triton.jit
-def _quarters(t):
-    """(..., 4) -> its four (...) slices 0, 2, 1, 3 (register renaming: the last axis lies in one thread)."""
-    a, b = tl.split(tl.reshape(t, t.shape[:-1] + [2, 2]))  # a: elements 0, 2; b: 1, 3
-    a0, a2 = tl.split(a)
-    b1, b3 = tl.split(b)
-    return a0, a2, b1, b3
-
-
-# The small-M kernel below runs the Tensor Core's warp-level MMA (mma.sync m16n8k16: a 16 x 16 BF16 tile
-# of W times a 16 x 8 tile of X^T, FP32 sums) on registers it fills itself, so that no decoded weight
-# leaves the thread that decoded it. Any permutation of K serves as long as both operands share it, and
-# the one used here puts eight consecutive codes (one 32-bit word) where the MMA wants four BF16 pairs:
-# in thread (g, q) of a warp (g = lane / 4, q = lane % 4), MMA number 2u takes the pairs (e0, e1) and
-# (e2, e3) of word u and MMA 2u + 1 the pairs (e4, e5) and (e6, e7), for rows g and g + 8. The byte-
-# permute lookup gives these pairs with other final selectors than _E2M1_TO_BF16_PTX's, and they are
-# the activations' own pairs: the int32 pairs of bf16 read beside the word go to the MMA as they are.
-
-
-# Two ways to decode. The lookup above gives each code's own bf16 value, for any block scale. The fast
-# way places bits instead: a code's three magnitude bits put under bf16's two lowest exponent bits and
-# its top mantissa bit (bits 8..6), and its sign at bit 15, make a bf16 number equal to the code's value
-# times 2^-126 -- the codes 0 and 0.5 land on bf16 subnormals by the same rule, so no code is special.
-# The low and high nibbles of a byte are the elements 2j and 2j + 1 of a pair: one byte permute puts
-# the low nibbles' byte j at bits 0..7 and the high nibbles' byte j at bits 16..23 (zeros between),
-# one multiplication by 0x1040 adds that word shifted by 6 (magnitudes to bits 8..6 and 24..22) to it
-# shifted by 12 (signs to bits 15 and 31) -- the two copies share no bit, so nothing carries -- and one
-# AND keeps those eight bits: three integer instructions per pair and no lookup constants. The 2^-126
-# goes into the block scale, which multiplies the pair anyway: the scale times 2^118, a BF16 number for
-# every E4M3 scale and for E8M0 scales from 2^-111 to 2^9 (others take the lookup), makes the products
-# the weights times 2^-8 -- exact, like the lookup's -- and the FP32 sums are multiplied by 2^8 at the end.
-_E2M1_PLACE_PTX = """and.b32 lo, {src}, 0x0F0F0F0F;
-shr.u32 hi, {src}, 4;
-and.b32 hi, hi, 0x0F0F0F0F;
-"""
-PAIR_SPREAD = tl.constexpr(0x1040)  # 2^6 + 2^12
-PAIR_BITS = tl.constexpr(0x81C081C0)  # bits 31, 24..22, 15 and 8..6: the two placed codes
-PLACED_EXPONENT = tl.constexpr(118)  # the fast decode's block scales are multiplied by 2^118, its sums by 2^8
-# E8M0 codes the fast decode takes: scales 2^-111 .. 2^9, so that no scaled weight is a bf16 subnormal
-FAST_E8M0_LO, FAST_E8M0_HI = tl.constexpr(16), tl.constexpr(136)
-
-
-def _e2m1_mma_ptx(token_tiles, fast):
-    """The decode-and-multiply block of _fp4_mma_gemv_kernel for 8 or 16 activation rows: outputs the
-    4 * token_tiles accumulators, then inputs: the same accumulators, the words of rows g and g + 8,
-    their scales (BF16 pairs), and four activation registers per tile of 8 activation rows. ``fast``:
-    the bit-placement decode (scales times 2^118), else the lookup."""
-    n = 4 * token_tiles
-    wg, wh, sg, sh = (f"${2 * n + i}" for i in range(4))
-
-    def decode(src, scale, out):  # pairs (e0, e1), (e2, e3), (e4, e5), (e6, e7) of the word, scaled
-        if fast:
-            return (_E2M1_PLACE_PTX.format(src=src)
-                    + "".join(f"prmt.b32 {out}{i}, lo, hi, {sel};\n"
-                              f"mul.lo.u32 {out}{i}, {out}{i}, {PAIR_SPREAD.value:#x};\n"
-                              f"and.b32 {out}{i}, {out}{i}, {PAIR_BITS.value:#x};\n"
-                              for i, sel in enumerate(("0x8480", "0x9591", "0xA6A2", "0xB7B3")))
-                    + "".join(f"mul.rn.bf16x2 {out}{i}, {out}{i}, {scale};\n" for i in range(4)))
-        return (_E2M1_LOOKUP_PTX.format(src=src)
-                + "".join(f"prmt.b32 {out}{i}, lo{i // 2}, hi{i // 2}, {sel};\n"
-                          for i, sel in enumerate(("0x5140", "0x7362", "0x5140", "0x7362")))
-                + "".join(f"mul.rn.bf16x2 {out}{i}, {out}{i}, {scale};\n" for i in range(4)))
-
-    mma = "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"
-    regs = ("lo, hi" if fast else "mag, mag_hi, sgn, sgn_lo, sgn_hi, lo0, lo1, hi0, hi1, s0, s1")
-    body = ["{", f".reg .b32 {regs}, p0, p1, p2, p3, r0, r1, r2, r3;", decode(wg, sg, "p") + decode(wh, sh, "r")]
-    for t in range(token_tiles):
-        d = ", ".join(f"${4 * t + i}" for i in range(4))
-        c = ", ".join(f"${n + 4 * t + i}" for i in range(4))
-        b = [f"${2 * n + 4 + 4 * t + i}" for i in range(4)]
-        body.append(f"{mma} {{{d}}}, {{p0, r0, p1, r1}}, {{{b[0]}, {b[1]}}}, {{{c}}};")
-        body.append(f"{mma} {{{d}}}, {{p2, r2, p3, r3}}, {{{b[2]}, {b[3]}}}, {{{d}}};")
-    return "\n".join(body + ["}"])
-
-
-_E2M1_MMA_PTX = tl.constexpr(_e2m1_mma_ptx(1, False))
-_E2M1_MMA16_PTX = tl.constexpr(_e2m1_mma_ptx(2, False))
-_E2M1_PLACE_MMA_PTX = tl.constexpr(_e2m1_mma_ptx(1, True))
-_E2M1_PLACE_MMA16_PTX = tl.constexpr(_e2m1_mma_ptx(2, True))
-
-
-@triton.jit
-def _mma_gemv_loads(w_ptr, sw_ptr, rows_g, rows_h, q, seg, seg_hi, K, stride_wn, stride_sn, stride_sk,
-                    NVFP4: tl.constexpr):
-    """This thread's codes and block scales in one segment of 128 codes: 16 bytes (one 32-code chunk) of
-    rows g and g + 8 as four int32 words each, and the uint8 scales of the chunk's blocks (for MXFP4 the
-    chunk is one block, and the second pair repeats the first)."""
-    chunk = seg * 4 + q
-    ok = (seg < seg_hi) & (chunk < K // 32)
-    word = (4 * chunk)[:, None] + tl.arange(0, 4)[None, :]  # (T, 4)
-    wg = tl.load(w_ptr + rows_g[:, None] * stride_wn + word, mask=ok[:, None], other=0)
-    wh = tl.load(w_ptr + rows_h[:, None] * stride_wn + word, mask=ok[:, None], other=0)
-    if NVFP4:  # blocks of 16: words 0, 1 and words 2, 3 of the chunk
-        s_g = sw_ptr + rows_g * stride_sn + (2 * chunk) * stride_sk
-        s_h = sw_ptr + rows_h * stride_sn + (2 * chunk) * stride_sk
-        sg0 = tl.load(s_g, mask=ok, other=0)
-        sg1 = tl.load(s_g + stride_sk, mask=ok, other=0)
-        sh0 = tl.load(s_h, mask=ok, other=0)
-        sh1 = tl.load(s_h + stride_sk, mask=ok, other=0)
-    else:
-        sg0 = tl.load(sw_ptr + rows_g * stride_sn + chunk * stride_sk, mask=ok, other=0)
-        sh0 = tl.load(sw_ptr + rows_h * stride_sn + chunk * stride_sk, mask=ok, other=0)
-        sg1, sh1 = sg0, sh0
-    return wg, wh, sg0, sg1, sh0, sh1
-
-
-@triton.jit
-def _scale_pair(s, NVFP4: tl.constexpr, PTX: tl.constexpr, FAST: tl.constexpr):
-    """uint8 block scales -> BF16 pairs in int32 for mul.bf16x2 (exact: E8M0 and E4M3 values are BF16
-    numbers), or as float32 for the interpreter's emulation. FAST: the scales times 2^118, for the
-    bit-placement decode (E8M0: the bf16 pattern of 2^(e - 9), one multiply-add)."""
-    if FAST and not NVFP4:  # scales outside FAST_E8M0_LO..HI give garbage here, unused (the program reruns)
-        e = s.to(tl.int32)
-        if PTX:
-            return (e + PLACED_EXPONENT) * 0x00800080
-        else:  # the same pattern, read as float32 (the clamp only keeps NumPy quiet about unused Inf)
-            e = tl.minimum(tl.maximum(e, FAST_E8M0_LO), FAST_E8M0_HI)
-            return _pair_value((e + PLACED_EXPONENT) * 0x00800080, False)
-    if NVFP4:
-        v = s.to(tl.float8e4nv, bitcast=True).to(tl.float32)
-    else:
-        v = from_e8m0(s.to(tl.int32))
-    if FAST:
-        v = v * 2.0 ** PLACED_EXPONENT  # exact: every E4M3 scale times 2^118 is a BF16 number
-    if PTX:
-        bits = v.to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-        return bits | (bits << 16)
-    else:
-        return v
-
-
-@triton.jit
-def _placed_pair(w, j: tl.constexpr):
-    """The interpreter's version of the fast decode of byte j of a word (see _E2M1_PLACE_PTX): the pair
-    (low nibble, high nibble) as bf16 patterns of value * 2^-126, in int32."""
-    t = ((w >> (8 * j)) & 0x0F) | (((w >> (8 * j + 4)) & 0x0F) << 16)  # the byte permute
-    return (t * PAIR_SPREAD) & (PAIR_BITS - 2 ** 32)  # as the PTX: int32 arithmetic wraps the same way
-
-
-@triton.jit
-def _pair_value(pair, HIGH: tl.constexpr):
-    """One bf16 of an int32 pair (the low one, or the high one) as float32: a shift or a mask, exact."""
-    if HIGH:
-        return (pair & -65536).to(tl.float32, bitcast=True)
-    else:
-        return (pair << 16).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _mma_emulated(acc0, acc1, acc2, acc3, wg, wh, sg, sh, b0, b1, b2, b3, WARPS: tl.constexpr,
-                  FAST: tl.constexpr):
-    """The interpreter's stand-in for one block of _e2m1_mma_ptx (one tile of 8 activation rows): the
-    same registers, decoded to float32 (scales ``sg``, ``sh`` as float32) and multiplied as the two
-    mma.sync m16n8k16 define it -- lane (g, q) of a warp holds elements 0..7 of its word for K positions
-    of rows g and g + 8, and the activations of the same positions for activation row g; an output
-    (row r, activation row n) sums over the four lanes q of the warp. Lanes are regrouped by reshaping
-    each (32 * WARPS,) register into (WARPS, g, q), so the sums cross lanes as the MMA does."""
-    dg = tl.zeros((WARPS, 8, 8), dtype=tl.float32)  # (warp, row g, activation row n)
-    dh = tl.zeros((WARPS, 8, 8), dtype=tl.float32)  # rows g + 8
-    for i in tl.static_range(8):  # element i of the word: nibble i; its activation is half i % 2 of pair i // 2
-        if i // 2 == 0:
-            pair = b0
-        elif i // 2 == 1:
-            pair = b1
-        elif i // 2 == 2:
-            pair = b2
-        else:
-            pair = b3
-        xv = tl.reshape(_pair_value(pair, i % 2 == 1), (WARPS, 1, 8, 4))
-        if FAST:  # the placed bits, read as bf16 (value * 2^-126), times the scale * 2^118
-            vg = _pair_value(_placed_pair(wg, i // 2), i % 2 == 1)
-            vh = _pair_value(_placed_pair(wh, i // 2), i % 2 == 1)
-        else:
-            vg, vh = _e2m1_value((wg >> (4 * i)) & 0xF), _e2m1_value((wh >> (4 * i)) & 0xF)
-        ag = tl.reshape(vg * sg, (WARPS, 8, 1, 4))
-        ah = tl.reshape(vh * sh, (WARPS, 8, 1, 4))
-        dg += tl.sum(ag * xv, axis=3)
-        dh += tl.sum(ah * xv, axis=3)
-    g0, g1 = tl.split(tl.reshape(dg, (WARPS, 8, 4, 2)))  # lane (g, q) keeps activation rows 2q, 2q + 1
-    h0, h1 = tl.split(tl.reshape(dh, (WARPS, 8, 4, 2)))
-    T: tl.constexpr = 32 * WARPS
-    return (acc0 + tl.reshape(g0, (T,)), acc1 + tl.reshape(g1, (T,)), acc2 + tl.reshape(h0, (T,)),
-            acc3 + tl.reshape(h1, (T,)))
-
-
-@triton.jit
-def _mma_step(acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, w_g, w_h, s_g, s_h, b0, b1, b2, b3, b4, b5, b6,
-              b7, TOKENS16: tl.constexpr, PTX: tl.constexpr, WARPS: tl.constexpr, FAST: tl.constexpr):
-    """One word of codes per thread and row into the accumulators: compiled, one _e2m1_mma_ptx block
-    (scales as BF16 pairs); interpreted, _mma_emulated (scales as float32)."""
-    if PTX:
-        if TOKENS16:
-            if FAST:
-                asm: tl.constexpr = _E2M1_PLACE_MMA16_PTX
-            else:
-                asm: tl.constexpr = _E2M1_MMA16_PTX
-            acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = tl.inline_asm_elementwise(
-                asm, "=f,=f,=f,=f,=f,=f,=f,=f,f,f,f,f,f,f,f,f,r,r,r,r,r,r,r,r,r,r,r,r",
-                [acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, w_g, w_h, s_g, s_h, b0, b1, b2, b3,
-                 b4, b5, b6, b7], dtype=(tl.float32,) * 8, is_pure=True, pack=1)
-        else:
-            if FAST:
-                asm: tl.constexpr = _E2M1_PLACE_MMA_PTX
-            else:
-                asm: tl.constexpr = _E2M1_MMA_PTX
-            acc0, acc1, acc2, acc3 = tl.inline_asm_elementwise(
-                asm, "=f,=f,=f,=f,f,f,f,f,r,r,r,r,r,r,r,r",
-                [acc0, acc1, acc2, acc3, w_g, w_h, s_g, s_h, b0, b1, b2, b3],
-                dtype=(tl.float32,) * 4, is_pure=True, pack=1)
-    else:
-        acc0, acc1, acc2, acc3 = _mma_emulated(acc0, acc1, acc2, acc3, w_g, w_h, s_g, s_h, b0, b1, b2, b3, WARPS,
-                                               FAST)
-        if TOKENS16:
-            acc4, acc5, acc6, acc7 = _mma_emulated(acc4, acc5, acc6, acc7, w_g, w_h, s_g, s_h, b4, b5, b6, b7,
-                                                   WARPS, FAST)
-    return acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7
-
-
-@triton.jit
-def _mma_k_loop(x_base, x2_base, x_ok, x2_ok, w_ptr, sw_ptr, rows_g, rows_h, q, warp, seg_lo, seg_hi, K,
-                stride_wn, stride_sn, stride_sk, NVFP4: tl.constexpr, WARPS: tl.constexpr,
-                TOKENS16: tl.constexpr, PTX: tl.constexpr, FAST: tl.constexpr):
-    """The K loop of _fp4_mma_gemv_kernel: this thread's accumulators, and (FAST, MXFP4) whether any of
-    its blocks had a scale outside FAST_E8M0_LO..FAST_E8M0_HI."""
-    T: tl.constexpr = 32 * WARPS
-    offs4 = tl.arange(0, 4)
-    acc0 = tl.zeros((T,), dtype=tl.float32)
-    acc1 = tl.zeros((T,), dtype=tl.float32)
-    acc2 = tl.zeros((T,), dtype=tl.float32)
-    acc3 = tl.zeros((T,), dtype=tl.float32)
-    acc4 = tl.zeros((T,), dtype=tl.float32)  # the second tile of activation rows (TOKENS16)
-    acc5 = tl.zeros((T,), dtype=tl.float32)
-    acc6 = tl.zeros((T,), dtype=tl.float32)
-    acc7 = tl.zeros((T,), dtype=tl.float32)
-    outside = tl.zeros((T,), dtype=tl.int1)
-    wg, wh, sg0, sg1, sh0, sh1 = _mma_gemv_loads(w_ptr, sw_ptr, rows_g, rows_h, q, seg_lo + warp, seg_hi, K,
-                                                 stride_wn, stride_sn, stride_sk, NVFP4)
-    for seg0 in range(seg_lo, seg_hi, WARPS):
-        seg = seg0 + warp  # this warp's segment
-        n_wg, n_wh, n_sg0, n_sg1, n_sh0, n_sh1 = _mma_gemv_loads(w_ptr, sw_ptr, rows_g, rows_h, q, seg + WARPS,
-                                                                 seg_hi, K, stride_wn, stride_sn, stride_sk, NVFP4)
-        chunk = seg * 4 + q
-        k_ok = (seg < seg_hi) & (chunk < K // 32)
-        if FAST and not NVFP4:
-            eg, eh = sg0.to(tl.int32), sh0.to(tl.int32)
-            e_lo = tl.minimum(eg, eh) < FAST_E8M0_LO
-            e_hi = tl.maximum(eg, eh) > FAST_E8M0_HI
-            outside |= k_ok & (e_lo | e_hi)
-        offs = (16 * chunk)[:, None] + offs4[None, :]  # (T, 4): the pairs of word 0 of the chunk
-        sg0, sg1 = _scale_pair(sg0, NVFP4, PTX, FAST), _scale_pair(sg1, NVFP4, PTX, FAST)
-        sh0, sh1 = _scale_pair(sh0, NVFP4, PTX, FAST), _scale_pair(sh1, NVFP4, PTX, FAST)
-        wg0, wg2, wg1, wg3 = _quarters(wg)
-        wh0, wh2, wh1, wh3 = _quarters(wh)
-        for u in tl.static_range(4):
-            if u == 0:
-                w_g, w_h = wg0, wh0
-            elif u == 1:
-                w_g, w_h = wg1, wh1
-            elif u == 2:
-                w_g, w_h = wg2, wh2
-            else:
-                w_g, w_h = wg3, wh3
-            s_g, s_h = (sg0, sh0) if u < 2 else (sg1, sh1)
-            b0, b2, b1, b3 = _quarters(tl.load(x_base[:, None] + offs + 4 * u, mask=(k_ok & x_ok)[:, None], other=0))
-            b4, b5, b6, b7 = b0, b1, b2, b3  # unused unless TOKENS16
-            if TOKENS16:
-                b4, b6, b5, b7 = _quarters(tl.load(x2_base[:, None] + offs + 4 * u, mask=(k_ok & x2_ok)[:, None],
-                                                   other=0))
-            acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = _mma_step(
-                acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, w_g, w_h, s_g, s_h, b0, b1, b2, b3, b4, b5, b6, b7,
-                TOKENS16, PTX, WARPS, FAST)
-        wg, wh, sg0, sg1, sh0, sh1 = n_wg, n_wh, n_sg0, n_sg1, n_sh0, n_sh1
-    return acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, outside
-
-
-@triton.jit
-def _fp4_mma_gemv_kernel(
-    x_ptr,  # activation pairs: bf16 (M, Kp) read as int32 (M, Kp / 2), M <= 16
-    w_ptr, sw_ptr,  # packed E2M1 (N, Kp/2) read as int32 words (N, Kp/8); block scales (N, Kp/BLOCK) as uint8
-    ts_ptr,  # float32 tensor scale (NVFP4; one element), unused for MXFP4
-    c_ptr, ws_ptr,  # C (M, N); float32 partial sums (SPLIT_K, M, N) when K is split
-    M, N, K,  # K counts elements (codes), a multiple of 32
-    stride_xm, stride_wn, stride_sn, stride_sk, stride_cm, stride_cn,
-    NVFP4: tl.constexpr,  # E4M3 scales per 16 and a tensor scale (True) or E8M0 scales per 32 (False)
-    WARPS: tl.constexpr,  # warps per program (num_warps); they take the K segments of 128 in turn
-    SPLIT_K: tl.constexpr,
-    TOKENS16: tl.constexpr,  # M > 8: a second tile of 8 activation rows, with its own accumulators
-    PTX: tl.constexpr,  # compiled for the GPU (False under the interpreter: the MMAs emulated)
-):
-    """C = X W^T for up to 16 activation rows on the Tensor Cores, with the weights decoded in the
-    registers of the threads that load them (see _e2m1_mma_ptx): C^T = W X^T, 16 rows of W by 8 rows
-    of X per MMA. Per segment of 128 codes a thread loads 16 bytes (one MXFP4 block or two NVFP4
-    blocks) of rows g and g + 8 and the activations of its K positions for activation rows g (and
-    g + 8), and adds eight MMAs per tile of 8 activation rows into its FP32 accumulators; the next
-    segment's codes and scales are loaded before this one is decoded. The warps' sums are added once,
-    after the K loop.
-
-    The codes are decoded by bit placement (the fast decode); an MXFP4 program that meets a block
-    scale outside FAST_E8M0_LO..FAST_E8M0_HI, which that decode cannot carry, runs its K loop again
-    with the lookup."""
-    T: tl.constexpr = 32 * WARPS
-    lane = tl.arange(0, T)
-    g = (lane % 32) // 4
-    q = lane % 4
-    warp = lane // 32
-    rows = tl.program_id(0) * 16 + g
-    rows_g = tl.where(rows < N, rows, 0).to(tl.int64)
-    rows_h = tl.where(rows + 8 < N, rows + 8, 0).to(tl.int64)
-    x_ok, x2_ok = g < M, g + 8 < M
-    x_base = x_ptr + tl.where(x_ok, g, 0) * stride_xm
-    x2_base = x_ptr + tl.where(x2_ok, g + 8, 0) * stride_xm
-    segs = tl.cdiv(K, 128)
-    per_split = tl.cdiv(tl.cdiv(segs, SPLIT_K), WARPS) * WARPS
-    seg_lo = tl.program_id(1) * per_split
-    seg_hi = tl.minimum(segs, seg_lo + per_split)
-    acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, outside = _mma_k_loop(
-        x_base, x2_base, x_ok, x2_ok, w_ptr, sw_ptr, rows_g, rows_h, q, warp, seg_lo, seg_hi, K,
-        stride_wn, stride_sn, stride_sk, NVFP4, WARPS, TOKENS16, PTX, True)
-    unscale = 2.0 ** (126 - PLACED_EXPONENT)  # the fast decode's products are the weights times 2^-8
-    if not NVFP4:
-        if tl.max(outside.to(tl.int32), axis=0) > 0:
-            acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, outside = _mma_k_loop(
-                x_base, x2_base, x_ok, x2_ok, w_ptr, sw_ptr, rows_g, rows_h, q, warp, seg_lo, seg_hi, K,
-                stride_wn, stride_sn, stride_sk, NVFP4, WARPS, TOKENS16, PTX, False)
-            unscale = 1.0
-    # the warps' partial sums, added in a fixed order, then stored: accumulators 0, 1 hold W row g
-    # times activation rows 2q, 2q + 1, accumulators 2, 3 W row g + 8 (4..7 the same for rows 8 + 2q..)
-    l32 = tl.arange(0, 32)
-    r = tl.program_id(0) * 16 + l32 // 4
-    col = 2 * (l32 % 4)
-    ts = (tl.load(ts_ptr) if NVFP4 else 1.0) * unscale
-    _store_mma(acc0, ts, c_ptr, ws_ptr, r, col, M, N, stride_cm, stride_cn, WARPS, SPLIT_K)
-    _store_mma(acc1, ts, c_ptr, ws_ptr, r, col + 1, M, N, stride_cm, stride_cn, WARPS, SPLIT_K)
-    _store_mma(acc2, ts, c_ptr, ws_ptr, r + 8, col, M, N, stride_cm, stride_cn, WARPS, SPLIT_K)
-    _store_mma(acc3, ts, c_ptr, ws_ptr, r + 8, col + 1, M, N, stride_cm, stride_cn, WARPS, SPLIT_K)
-    if TOKENS16:
-        _store_mma(acc4, ts, c_ptr, ws_ptr, r, col + 8, M, N, stride_cm, stride_cn, WARPS, SPLIT_K)
-        _store_mma(acc5, ts, c_ptr, ws_ptr, r, col + 9, M, N, stride_cm, stride_cn, WARPS, SPLIT_K)
-        _store_mma(acc6, ts, c_ptr, ws_ptr, r + 8, col + 8, M, N, stride_cm, stride_cn, WARPS, SPLIT_K)
-        _store_mma(acc7, ts, c_ptr, ws_ptr, r + 8, col + 9, M, N, stride_cm, stride_cn, WARPS, SPLIT_K)
-
-
-@triton.jit
-def _store_mma(v, ts, c_ptr, ws_ptr, row, col, M, N, stride_cm, stride_cn, WARPS: tl.constexpr,
-               SPLIT_K: tl.constexpr):
-    """One accumulator register of the MMA tiles, summed over the warps and times the tensor scale:
-    C[col, row] (C^T was computed), or this split's partial."""
-    v = tl.sum(tl.reshape(v, (WARPS, 32)), axis=0) * ts
-    ok = (row < N) & (col < M)
-    if SPLIT_K == 1:
-        tl.store(c_ptr + col.to(tl.int64) * stride_cm + row * stride_cn, round_for_store(v, c_ptr), mask=ok)
-    else:
-        tl.store(ws_ptr + (tl.program_id(1) * M + col).to(tl.int64) * N + row, v, mask=ok)
-
-
 def _tuned(kernel):
     if runtime.INTERPRET:
         return kernel
@@ -647,47 +242,6 @@ _nvfp4_w4a16_tuned = _tuned(_nvfp4_w4a16_kernel)
 # nibbles kept apart (two MMAs over K/2, the activations read at stride 2): 55-90 us against dot_scaled's
 # 46. Neither is limited by memory there (see the GEMM chapter's measurements).
 DECODE_CONFIG = {"mxfp4": (64, 256, 4, 4, 3), "nvfp4": (32, 256, 8, 4, 3)}
-
-# Compiled, M <= 16 runs _fp4_mma_gemv_kernel instead (MXFP4 always, NVFP4 when K is a multiple of
-# 32): (num_warps, SPLIT_K) for M <= 8 and for 8 < M <= 16, the fastest of a sweep on an H200 at
-# N = K = 8192 over 2..16 warps and SPLIT_K 1..4, taken while the activations were still re-paired by
-# byte permutes (M <= 8: 20-23 us, 1.5-1.65x BF16; M = 16: 30 us with 4 warps, 34-47 with the others; a
-# register cap of 64 changed M = 1 by 4%). Nsight Compute at M = 1 then: the integer/logic pipe 63%
-# busy, DRAM 33%, 19 warps per SM -- the decode, not the bytes, set the time. Without the re-pairing
-# (the stored benchmark): M <= 8 in 19.8-21.8 us. With the bit-placement decode (3.8 instructions per
-# weight in the loop, from 4.8): M = 1 16.5-16.8 us, 4 warps within 1% for MXFP4 and 10% slower for
-# NVFP4; loading the next segment's activations with its codes (72 registers) was 3-35% slower.
-MMA_GEMV_CONFIG = {"mxfp4": ((8, 1), (4, 1)), "nvfp4": ((8, 1), (4, 1))}
-
-
-def _gemv_mma(x, codes, scales, tensor_scale, out, fmt, config=None):
-    """C = x @ W^T for M <= 16 through _fp4_mma_gemv_kernel: x zero-padded to Kp columns
-    and read as bf16 pairs, the codes read as int32 words (copied only if their rows are not 4-byte
-    aligned)."""
-    M, N, Kp = x.shape[0], codes.shape[0], 2 * codes.shape[1]
-    if x.shape[1] != Kp or not x.is_contiguous() or x.storage_offset() % 2:
-        x = torch.nn.functional.pad(x, (0, Kp - x.shape[1])).contiguous()
-    if codes.stride(1) != 1 or codes.stride(0) % 4 or codes.storage_offset() % 4:
-        codes = codes.clone(memory_format=torch.contiguous_format)
-    pairs, words = x.view(torch.int32), codes.view(torch.int32)
-    if runtime.INTERPRET:  # two warps, and K split in two when it is long enough, so that CI runs both paths
-        warps, split = 2, 2 if Kp > 256 else 1
-    else:
-        warps, split = config or MMA_GEMV_CONFIG[fmt][M > 8]
-    ws = torch.empty((split, M, N) if split > 1 else (1,), dtype=torch.float32, device=x.device)
-    ts = tensor_scale if tensor_scale is not None else ws
-    _fp4_mma_gemv_kernel[(triton.cdiv(N, 16), split)](
-        pairs, words, scales, ts, out, ws, M, N, Kp, pairs.stride(0), words.stride(0), *scales.stride(),
-        *out.stride(), NVFP4=fmt == "nvfp4", WARPS=warps, SPLIT_K=split, TOKENS16=M > 8,
-        PTX=not runtime.INTERPRET, num_warps=warps, num_stages=1)
-    return _sum_splits(ws, out, M, N, split)
-
-
-def _sum_splits(ws, out, M, N, split):
-    if split > 1:
-        block = 1024
-        _sum_splits_kernel[(triton.cdiv(M * N, block),)](ws, out, M, N, *out.stride(), SPLIT_K=split, BLOCK=block)
-    return out
 
 
 def _launch(kernel, tuned, args, M, N, K, device, out, fmt, config=None, **meta):
