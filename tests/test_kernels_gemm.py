@@ -15,7 +15,7 @@ import torch
 from companion import runtime
 from companion.kernels import quantize_mx_rows, quantize_nvfp4_kernel
 from companion.kernels.fp4_gemm import (
-    dequantize_fp4_reference, gemm_error_bound, matmul_reference, mxfp4_matmul, w4a16_matmul,
+    dequantize_fp4_reference, gemm_error_bound, matmul_reference, mxfp4_matmul, quantize_int4_weights, w4a16_matmul,
 )
 from companion.kernels.fp8_gemm import (
     accumulation_error_bound, fp8_blockwise_matmul, fp8_blockwise_matmul_reference, fp8_rowwise_matmul,
@@ -155,6 +155,9 @@ def fp4_weights(N, K, seed, fmt):
     if fmt == "mxfp4":
         codes, scales = quantize_mx_rows(w.to(DEVICE), "fp4_e2m1")
         return codes, scales, None, dequantize_fp4_reference(codes, scales)
+    if fmt == "int4":
+        codes, scales = quantize_int4_weights(w.to(DEVICE))
+        return codes, scales, None, dequantize_fp4_reference(codes, scales, format="int4")
     codes, scales, ts = quantize_nvfp4_kernel(w.to(DEVICE))
     return codes, scales, ts, dequantize_fp4_reference(codes, scales, format="nvfp4", tensor_scale=ts)
 
@@ -169,12 +172,12 @@ def check_w4a16(M, N, K, fmt, out_dtype=torch.float32, seed=0, x_transform=lambd
 
 
 @pytest.mark.parametrize("M,N,K", FP4_SHAPES)
-@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
+@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4", "int4"])
 def test_w4a16_within_bound(M, N, K, fmt):
     check_w4a16(M, N, K, fmt)
 
 
-@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
+@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4", "int4"])
 def test_w4a16_bf16_output_and_strided_activations(fmt):
     check_w4a16(5, 24, 64, fmt, out_dtype=torch.bfloat16, seed=2, x_transform=lambda t: t.t().contiguous().t())
     check_w4a16(5, 24, 64, fmt, seed=3, x_transform=lambda t: torch.cat([t, t], 1)[:, :64])
@@ -194,18 +197,20 @@ def test_w4a16_tile_kernels_within_bound(fmt):
     assert_within(c, matmul_reference(xd, W), gemm_error_bound(xd, W[:, :96], torch.float32))
 
 
-@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
+@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4", "int4"])
 def test_w4a16_small_m_reads_weight_views(fmt):
     """M <= 16 reads the codes as 32-bit words: codes whose rows are not 4-byte aligned (a row stride
-    of 34 bytes) are copied first, a slice of the first blocks of wider rows is read in place, and both
-    give what the contiguous codes give."""
-    codes, scales, ts, _ = fp4_weights(24, 128, 4, fmt)
-    x = torch.randn(1, 64, generator=torch.Generator().manual_seed(5)).bfloat16().to(DEVICE)
-    blocks = 64 // (32 if fmt == "mxfp4" else 16)
-    want = w4a16_matmul(x, codes[:, :32].contiguous(), scales[:, :blocks].contiguous(), format=fmt, tensor_scale=ts)
-    padded = torch.zeros(24, 34, dtype=torch.uint8, device=DEVICE)
-    padded[:, :32] = codes.view(torch.uint8)[:, :32]
-    for view in (codes[:, :32], padded[:, :32]):
+    of 2 bytes more) are copied first, a slice of the first blocks of wider rows is read in place, and
+    both give what the contiguous codes give."""
+    k = 128 if fmt == "int4" else 64  # the slice: whole blocks, half of each row
+    codes, scales, ts, _ = fp4_weights(24, 2 * k, 4, fmt)
+    x = torch.randn(1, k, generator=torch.Generator().manual_seed(5)).bfloat16().to(DEVICE)
+    blocks = k // {"mxfp4": 32, "nvfp4": 16, "int4": 128}[fmt]
+    want = w4a16_matmul(x, codes[:, :k // 2].contiguous(), scales[:, :blocks].contiguous(), format=fmt,
+                        tensor_scale=ts)
+    padded = torch.zeros(24, k // 2 + 2, dtype=torch.uint8, device=DEVICE)
+    padded[:, :k // 2] = codes.view(torch.uint8)[:, :k // 2]
+    for view in (codes[:, :k // 2], padded[:, :k // 2]):
         got = w4a16_matmul(x, view, scales[:, :blocks], format=fmt, tensor_scale=ts)
         assert torch.equal(got, want)
 
@@ -259,6 +264,25 @@ def test_fp4_fast_decode_scale_range(rows):
         np.testing.assert_array_equal(got.t().cpu().double().numpy(), want)
 
 
+@pytest.mark.parametrize("rows", [1, 9, 32], ids=["one", "nine", "large_m"])
+def test_int4_decoding_covers_every_code(rows):
+    """Each of the 16 INT4 codes (-8..7) with bf16 group scales from tiny to large, full significands
+    among them: each group's FP32 sum times its scale is exact here (one nonzero product), so the
+    GEMV (one and two tiles of activation rows) and the tile kernel give q * s exactly."""
+    from companion.mx import pack_fp4
+
+    codes = torch.arange(16, dtype=torch.uint8).repeat(4, 16)  # (4, 256): two groups of 128 per row
+    packed = pack_fp4(codes).to(DEVICE)
+    scales = torch.tensor([[2.0 ** -120, 0.3330], [1.0, 2.0 ** 100], [-0.0117, 3.0], [1e-30, 65504.0]]
+                          ).bfloat16().to(DEVICE)
+    eye = torch.zeros(rows, 256, dtype=torch.bfloat16, device=DEVICE)
+    eye[torch.arange(rows), torch.arange(rows) * 7 % 256] = 1.0  # codes from both groups
+    got = w4a16_matmul(eye, packed, scales, format="int4", out_dtype=torch.float32).t().cpu().double().numpy()
+    want = dequantize_fp4_reference(packed, scales, format="int4")[:, (torch.arange(rows) * 7 % 256).numpy()]
+    np.testing.assert_array_equal(got, want)
+    assert len(set((np.arange(rows) * 7 % 256) % 16)) == min(rows, 16)  # the codes reached: all from 16 rows
+
+
 def test_fp4_gemm_bad_input():
     codes, scales, ts, _ = fp4_weights(16, 64, 12, "nvfp4")
     mx_codes, mx_scales, _, _ = fp4_weights(16, 64, 13, "mxfp4")
@@ -279,6 +303,16 @@ def test_fp4_gemm_bad_input():
         w4a16_matmul(x, codes, scales, format="nvfp4")
     with pytest.raises(ValueError, match="same number of packed columns"):
         mxfp4_matmul(mx_codes[:, :16], mx_scales[:, :1], mx_codes, mx_scales)
+    i4_codes, i4_scales, _, _ = fp4_weights(16, 128, 14, "int4")
+    x128 = torch.randn(2, 128, dtype=torch.bfloat16, device=DEVICE)
+    with pytest.raises(ValueError, match="not a multiple of the int4 block"):
+        w4a16_matmul(x, mx_codes, mx_scales, format="int4")  # 64 codes per row: not whole groups
+    with pytest.raises(TypeError, match="w_scales has dtype"):
+        w4a16_matmul(x128, i4_codes, i4_scales.float(), format="int4")
+    with pytest.raises(ValueError, match="w_scales has shape"):
+        w4a16_matmul(x128, i4_codes, i4_scales.repeat(1, 2), format="int4")
+    with pytest.raises(ValueError, match="tensor_scale belongs to NVFP4"):
+        w4a16_matmul(x128, i4_codes, i4_scales, format="int4", tensor_scale=ts)
     assert w4a16_matmul(x[:0], mx_codes, mx_scales).shape == (0, 16)
 
 
@@ -294,7 +328,7 @@ def test_fp8_blockwise_gpu(M, N, K):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("M,N,K", GPU_FP4_SHAPES)
-@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
+@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4", "int4"])
 def test_w4a16_gpu(M, N, K, fmt):
     check_w4a16(M, N, K, fmt, out_dtype=torch.bfloat16, seed=M)
 

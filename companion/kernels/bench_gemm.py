@@ -57,7 +57,7 @@ def _decode(median_ms, copy_bytes_per_s):
     import torch
 
     from companion.kernels import quantize_mx_rows, quantize_nvfp4_kernel
-    from companion.kernels.fp4_gemm import DECODE_CONFIG, w4a16_matmul
+    from companion.kernels.fp4_gemm import DECODE_CONFIG, quantize_int4_weights, w4a16_matmul
 
     N, K = DECODE_N, DECODE_K
     # COPIES different weight matrices, used in turn: when a call comes round to a matrix again, more
@@ -66,7 +66,9 @@ def _decode(median_ms, copy_bytes_per_s):
     ws = [torch.randn(N, K, device="cuda").bfloat16() for _ in range(COPIES)]
     mx = [quantize_mx_rows(w, "fp4_e2m1") for w in ws]
     nv = [quantize_nvfp4_kernel(w) for w in ws]
-    weight_bytes = {"bf16": N * K * 2, "mxfp4": N * K // 2 + N * K // 32, "nvfp4": N * K // 2 + N * K // 16}
+    i4 = [quantize_int4_weights(w) for w in ws]
+    weight_bytes = {"bf16": N * K * 2, "mxfp4": N * K // 2 + N * K // 32, "nvfp4": N * K // 2 + N * K // 16,
+                    "int4": N * K // 2 + N * K // 64}
     rows = []
     for M in DECODE_M:
         x = torch.randn(M, K, device="cuda").bfloat16()
@@ -74,6 +76,7 @@ def _decode(median_ms, copy_bytes_per_s):
             "bf16_cublas": [lambda w=w: x @ w.t() for w in ws],
             "mxfp4": [lambda q=q: w4a16_matmul(x, *q) for q in mx],
             "nvfp4": [lambda q=q: w4a16_matmul(x, q[0], q[1], format="nvfp4", tensor_scale=q[2]) for q in nv],
+            "int4": [lambda q=q: w4a16_matmul(x, *q, format="int4") for q in i4],
         }
         if M <= 16:
             # the tile kernels (Triton's dot_scaled and the NVFP4 decode kernel at their decode tiles),

@@ -1,9 +1,11 @@
-"""4-bit GEMMs: weight-only W4A16 for decoding (MXFP4 or NVFP4 weights), and MXFP4 x MXFP4.
+"""4-bit GEMMs: weight-only W4A16 for decoding (MXFP4, NVFP4 or INT4 weights), and MXFP4 x MXFP4.
 
 Weights are stored like ``nn.Linear.weight``: (N, K) E2M1 codes packed two per byte along K (first
 element in the low nibble, torch's ``float4_e2m1fn_x2``) with one scale per block of K — E8M0 per 32
 (MXFP4, as :func:`companion.kernels.quantize_mx_rows` returns) or E4M3 per 16 times an FP32 tensor scale
-(NVFP4, as :func:`companion.kernels.quantize_nvfp4_kernel` returns). The output is C = X @ W^T.
+(NVFP4, as :func:`companion.kernels.quantize_nvfp4_kernel` returns). INT4 weights are two's complement
+codes (-8..7) packed the same way, with a bf16 scale per group of 128 (symmetric, as
+:func:`quantize_int4_weights` makes them). The output is C = X @ W^T.
 
 Two ways to reach the Tensor Cores:
 
@@ -16,10 +18,15 @@ Two ways to reach the Tensor Cores:
   and the FP32 tensor scale multiplies the FP32 sum once at the end. For M <= 16 the product is
   computed transposed, C^T = W X^T, so that the decoded weights are the MMA's wide operand.
 
-For decoding (M <= 16) on the GPU, both formats run :mod:`companion.kernels.fp4_gemv` instead, which
+* INT4's products q * s are not always bf16 numbers, so its scale stays out of the MMA: each group of
+  128 codes (q exact in bf16) is multiplied on the Tensor Cores into FP32, and the partial sum is
+  multiplied by the group's scale and added, once per group.
+
+For decoding (M <= 16) on the GPU, every format runs :mod:`companion.kernels.fp4_gemv` instead, which
 decodes each weight in the registers that the Tensor Core's warp-level MMA reads.
 
-Decoding is exact (every E2M1 x scale product is a bf16 number for scales between 2^-126 and 2^125),
+Decoding is exact (every E2M1 x scale product is a bf16 number for scales between 2^-126 and 2^125;
+INT4 codes are decoded without their scale, which multiplies an FP32 sum),
 so the results differ from exact arithmetic only by the FP32 sums on the Tensor Cores and the final
 rounding to ``out_dtype`` — the bound :func:`gemm_error_bound` states.
 """
@@ -32,12 +39,13 @@ import triton.language as tl
 
 from companion import runtime
 from companion.kernels.float_codes import round_for_store, to_fp32
-from companion.kernels.fp4_gemv import _E2M1_LOOKUP_PTX, _e2m1_value, _gemv_mma, _sum_splits
+from companion.kernels.fp4_gemv import INT4_GROUP, _E2M1_LOOKUP_PTX, _e2m1_value, _gemv_mma, _sum_splits
 from companion.formats import get_format
-from companion.mx import unpack_fp4
+from companion.mx import pack_fp4, unpack_fp4
 
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 MX_BLOCK, NVFP4_BLOCK = 32, 16
+BLOCKS = {"mxfp4": MX_BLOCK, "nvfp4": NVFP4_BLOCK, "int4": INT4_GROUP}  # codes per scale
 _FP4 = getattr(torch, "float4_e2m1fn_x2", None)
 
 # Tiles for M > 16 (autotuned per shape); decode shapes use DECODE_CONFIG below.
@@ -155,6 +163,45 @@ def _nvfp4_w4a16_kernel(
     _store_tile(acc, c_ptr, ws_ptr, offs_m, offs_n, M, N, stride_cm, stride_cn, SPLIT_K)
 
 
+@triton.jit
+def _int4_w4a16_kernel(
+    x_ptr,  # bf16 (M, K_X)
+    w_ptr, sw_ptr,  # packed INT4 (N, K/2); bf16 group scales (N, K/128) as int16 bits
+    ts_ptr,  # unused (the launcher's argument order is NVFP4's)
+    c_ptr, ws_ptr,  # C (M, N); float32 partial sums (SPLIT_K, M, N) when K is split
+    M, N, K, K_X,  # K a multiple of 128
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_sk, stride_cm, stride_cn,
+    UPCAST_DOT: tl.constexpr,  # True under the interpreter only (see _nvfp4_w4a16_kernel)
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+):
+    """INT4 W4A16 for any M: per group of 128 codes (one BLOCK_K), the MMAs of the exact codes q into a
+    fresh FP32 tile, which is then multiplied by the groups' scales (one per row of W) and added."""
+    tl.static_assert(BLOCK_K == 128)
+    offs_m, offs_n, rows_x, rows_w, k_lo, k_hi = _program_tile(M, N, K, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K)
+    offs_j = tl.arange(0, BLOCK_K // 2)  # byte j holds elements 2j (low nibble) and 2j + 1 (high)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        j = k0 // 2 + offs_j
+        w = tl.load(w_ptr + rows_w[:, None] * stride_wn + j[None, :] * stride_wk).to(tl.int32)
+        s = tl.load(sw_ptr + rows_w * stride_sn + (k0 // BLOCK_K) * stride_sk).to(tl.int32)
+        s = ((s & 0xFFFF) << 16).to(tl.float32, bitcast=True)  # (BLOCK_N,) bf16 scales, widened
+        q_lo = ((w & 0xF) ^ 8) - 8  # (BLOCK_N, BLOCK_K/2): two's complement nibbles
+        q_hi = (((w >> 4) & 0xF) ^ 8) - 8
+        x_lo = tl.load(x_ptr + rows_x[:, None] * stride_xm + (2 * j)[None, :] * stride_xk,
+                       mask=(2 * j)[None, :] < K_X, other=0.0)
+        x_hi = tl.load(x_ptr + rows_x[:, None] * stride_xm + (2 * j + 1)[None, :] * stride_xk,
+                       mask=(2 * j + 1)[None, :] < K_X, other=0.0)
+        if UPCAST_DOT:
+            part = tl.dot(to_fp32(x_lo), tl.trans(q_lo.to(tl.float32)), input_precision="ieee")
+            part = tl.dot(to_fp32(x_hi), tl.trans(q_hi.to(tl.float32)), part, input_precision="ieee")
+        else:
+            part = tl.dot(x_lo, tl.trans(q_lo.to(tl.bfloat16)))
+            part = tl.dot(x_hi, tl.trans(q_hi.to(tl.bfloat16)), part)
+        acc += part * s[None, :]
+    _store_tile(acc, c_ptr, ws_ptr, offs_m, offs_n, M, N, stride_cm, stride_cn, SPLIT_K)
+
+
 # Eight E2M1 codes (one 32-bit register of packed bytes) -> eight bf16 values, by the byte-permute
 # lookup of companion.kernels.fp4_gemv. Results come out split by nibble: $0, $1 hold the low nibbles
 # of bytes 0..3 (elements 2j), $2, $3 the high ones.
@@ -232,6 +279,7 @@ def _tuned(kernel):
 
 _dot_scaled_tuned = _tuned(_dot_scaled_kernel)
 _nvfp4_w4a16_tuned = _tuned(_nvfp4_w4a16_kernel)
+_int4_w4a16_tuned = _tuned(_int4_w4a16_kernel)
 
 # Decode (M <= 16): the weights are read once and nothing is reused, so the tile only has to keep
 # enough bytes in flight on every SM: narrow tiles of N, deep tiles of K, and K split across programs
@@ -246,7 +294,8 @@ DECODE_CONFIG = {"mxfp4": (64, 256, 4, 4, 3), "nvfp4": (32, 256, 8, 4, 3)}
 
 def _launch(kernel, tuned, args, M, N, K, device, out, fmt, config=None, **meta):
     if runtime.INTERPRET:  # tiny tiles, and K split in two so that CI runs the split path as well
-        bn, bk, split, warps, stages = 16, 64, 2 if K > 64 else 1, 4, 1
+        bk = INT4_GROUP if fmt == "int4" else 64
+        bn, split, warps, stages = 16, 2 if K > bk else 1, 4, 1
     elif M <= 16:
         bn, bk, split, warps, stages = config or DECODE_CONFIG[fmt]
     else:
@@ -271,12 +320,12 @@ def _scales(scales, name, dtypes, want):
     runtime.check_tensor(scales, name, dtypes=dtypes, contiguous=False, ndim=2)
     if tuple(scales.shape) != want:
         raise ValueError(f"{name} has shape {tuple(scales.shape)}; expected {want} for these codes")
-    return scales.view(torch.uint8)
+    return scales.view(torch.uint8) if scales.element_size() == 1 else scales
 
 
-def _x_operand(x, k_codes, name="x"):
+def _x_operand(x, k_codes, name="x", block=MX_BLOCK):
     runtime.check_tensor(x, name, dtypes=(torch.bfloat16,), contiguous=False, ndim=2)
-    if not (k_codes - 32 < x.shape[1] <= k_codes):
+    if not (k_codes - max(block, MX_BLOCK) < x.shape[1] <= k_codes):
         raise ValueError(f"{name} has {x.shape[1]} columns but the weight codes hold {k_codes} "
                          f"(the row length padded to the block); they do not match")
 
@@ -295,23 +344,32 @@ def w4a16_matmul(x: torch.Tensor, w_codes: torch.Tensor, w_scales: torch.Tensor,
     ``format="mxfp4"``: ``w_codes`` (N, Kp/2) packed E2M1 (float4_e2m1fn_x2 or uint8), ``w_scales``
     (N, Kp/32) E8M0 (float8_e8m0fnu or uint8), where Kp is K rounded up to 32. ``format="nvfp4"``:
     ``w_codes`` (N, Kp/2) with Kp a multiple of 16, ``w_scales`` (N, Kp/16) E4M3 (float8_e4m3fn or
-    uint8) and ``tensor_scale`` a one-element float32 tensor on the same device.
+    uint8) and ``tensor_scale`` a one-element float32 tensor on the same device. ``format="int4"``:
+    ``w_codes`` (N, Kp/2) uint8, two's complement codes packed two per byte, with Kp a multiple of 128,
+    and ``w_scales`` (N, Kp/128) bf16 (see :func:`quantize_int4_weights`).
     """
-    if format not in ("mxfp4", "nvfp4"):
-        raise ValueError(f"format must be 'mxfp4' or 'nvfp4', got {format!r}")
+    if format not in BLOCKS:
+        raise ValueError(f"format must be one of {', '.join(map(repr, BLOCKS))}, got {format!r}")
     codes = _packed(w_codes, "w_codes")
     N, Kp = codes.shape[0], 2 * codes.shape[1]
-    block = MX_BLOCK if format == "mxfp4" else NVFP4_BLOCK
+    block = BLOCKS[format]
     if Kp % block:
         raise ValueError(f"w_codes hold {Kp} elements per row, not a multiple of the {format} block ({block})")
-    _x_operand(x, Kp)
+    _x_operand(x, Kp, block=block)
     M = x.shape[0]
     c = _output(M, N, out_dtype, x.device)
     if c.numel() == 0:
         return c
+    if format != "nvfp4" and tensor_scale is not None:
+        raise ValueError(f"tensor_scale belongs to NVFP4; {format} has only block scales")
+    if format == "int4":
+        s = _scales(w_scales, "w_scales", (torch.bfloat16,), (N, Kp // INT4_GROUP)).view(torch.int16)
+        if M <= 16:
+            return _gemv_mma(x, codes, s, None, c, format)
+        args = (x, codes, s, s, M, N, Kp, x.shape[1], *x.stride(), *codes.stride(), *s.stride(), *c.stride())
+        return _launch(_int4_w4a16_kernel, _int4_w4a16_tuned, args, M, N, Kp, x.device, c, format,
+                       UPCAST_DOT=runtime.INTERPRET)
     if format == "mxfp4":
-        if tensor_scale is not None:
-            raise ValueError("tensor_scale belongs to NVFP4; MXFP4 has only block scales")
         s = _scales(w_scales, "w_scales", (torch.float8_e8m0fnu, torch.uint8), (N, Kp // MX_BLOCK))
         if M <= 16 and _config is None:
             return _gemv_mma(x, codes, s, None, c, format)
@@ -356,21 +414,44 @@ def mxfp4_matmul(a_codes: torch.Tensor, a_scales: torch.Tensor, b_codes: torch.T
 # References: decode in float64, multiply in float64
 # ---------------------------------------------------------------------------------------------------
 
-_E2M1, _E8M0, _E4M3 = get_format("fp4_e2m1"), get_format("e8m0"), get_format("fp8_e4m3")
+_E2M1, _E8M0, _E4M3, _INT4 = (get_format(f) for f in ("fp4_e2m1", "e8m0", "fp8_e4m3", "int4"))
 
 
 def dequantize_fp4_reference(codes, scales, *, format: str = "mxfp4", tensor_scale=None) -> np.ndarray:
-    """(N, Kp) float64 values of packed FP4 codes with their block scales (the definition)."""
-    values = _E2M1.decode(unpack_fp4(torch.as_tensor(codes).detach().cpu().view(torch.uint8)).numpy())
-    s = torch.as_tensor(scales).detach().cpu().view(torch.uint8).numpy()
-    if format == "mxfp4":
-        scale = _E8M0.decode(s)
-    elif format == "nvfp4":
-        scale = _E4M3.decode(s) * float(torch.as_tensor(tensor_scale).float().item())
+    """(N, Kp) float64 values of packed 4-bit codes with their block scales (the definition)."""
+    nibbles = unpack_fp4(torch.as_tensor(codes).detach().cpu().view(torch.uint8)).numpy()
+    if format == "int4":
+        values = _INT4.decode(nibbles)
+        scale = torch.as_tensor(scales).detach().cpu().double().numpy()
     else:
-        raise ValueError(f"format must be 'mxfp4' or 'nvfp4', got {format!r}")
-    block = values.shape[1] // s.shape[1]
+        values = _E2M1.decode(nibbles)
+        s = torch.as_tensor(scales).detach().cpu().view(torch.uint8).numpy()
+        if format == "mxfp4":
+            scale = _E8M0.decode(s)
+        elif format == "nvfp4":
+            scale = _E4M3.decode(s) * float(torch.as_tensor(tensor_scale).float().item())
+        else:
+            raise ValueError(f"format must be 'mxfp4', 'nvfp4' or 'int4', got {format!r}")
+    block = values.shape[1] // scale.shape[1]
     return values * np.repeat(scale, block, axis=1)
+
+
+def quantize_int4_weights(w, group_size: int = INT4_GROUP):
+    """Symmetric INT4 weights for :func:`w4a16_matmul`: per group of ``group_size`` codes along K, the
+    bf16 scale ``absmax / 7`` and codes ``round(w / s)`` (nearest-even, clamped to -8..7), from
+    :func:`companion.scaling.quantize`. K is zero-padded to a multiple of the group. Returns
+    ``(codes, scales)``: uint8 (N, Kp / 2), two's complement codes packed two per byte (the first in
+    the low nibble), and bf16 (N, Kp / group_size), on ``w``'s device."""
+    from companion import scaling
+
+    w = torch.as_tensor(w)
+    N, K = w.shape
+    Kp = -(-K // group_size) * group_size
+    padded = torch.nn.functional.pad(w.detach().cpu().float(), (0, Kp - K))
+    qt = scaling.quantize(padded, "int4", scaling.per_block(group_size), scale_format="bf16")
+    codes = torch.from_numpy(pack_fp4(qt.codes.astype(np.uint8)))
+    scales = torch.from_numpy(qt.scales).to(torch.bfloat16)  # exact: already rounded to bf16
+    return codes.to(w.device), scales.to(w.device)
 
 
 def matmul_reference(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -394,4 +475,5 @@ def gemm_error_bound(a: np.ndarray, b: np.ndarray, out_dtype: torch.dtype = torc
     return gamma * magnitude * (1 + out_u) + out_u * np.abs(matmul_reference(a, b))
 
 
-__all__ = ["w4a16_matmul", "mxfp4_matmul", "dequantize_fp4_reference", "matmul_reference", "gemm_error_bound"]
+__all__ = ["w4a16_matmul", "mxfp4_matmul", "dequantize_fp4_reference", "quantize_int4_weights", "matmul_reference",
+           "gemm_error_bound"]

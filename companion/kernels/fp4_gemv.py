@@ -112,22 +112,43 @@ PLACED_EXPONENT = tl.constexpr(118)  # the fast decode's block scales are multip
 # E8M0 codes the fast decode takes: scales 2^-111 .. 2^9, so that no scaled weight is a bf16 subnormal
 FAST_E8M0_LO, FAST_E8M0_HI = tl.constexpr(16), tl.constexpr(136)
 
+# INT4 (two's complement, -8..7) takes the same byte permute with one change: the nibbles are first
+# XORed with 8, which makes them q + 8 in 0..15; ORed under the bf16 pattern of 128 (0x4300), a pair
+# holds 128 + q + 8, exactly, and subtracting 136 leaves q. The group scale of 128 codes does not enter
+# the MMA (q * s is not always a bf16 number): the MMAs of one group sum q * x into fresh FP32
+# accumulators, which are then multiplied by the row's scale and added, once per group.
+_INT4_PTX = """xor.b32 lo, {src}, 0x88888888;
+shr.u32 hi, lo, 4;
+and.b32 lo, lo, 0x0F0F0F0F;
+and.b32 hi, hi, 0x0F0F0F0F;
+"""
+INT4_BIAS_PAIR = tl.constexpr(0x43004300)  # bf16 128.0 in both halves
+INT4_OFFSET_PAIR = tl.constexpr(0x43084308)  # bf16 136.0 in both halves
+INT4_GROUP = 128
 
-def _e2m1_mma_ptx(token_tiles, fast):
+
+def _decode_mma_ptx(token_tiles, decode="place"):
     """The decode-and-multiply block of _fp4_mma_gemv_kernel for 8 or 16 activation rows: outputs the
     4 * token_tiles accumulators, then inputs: the same accumulators, the words of rows g and g + 8,
-    their scales (BF16 pairs), and four activation registers per tile of 8 activation rows. ``fast``:
-    the bit-placement decode (scales times 2^118), else the lookup."""
+    their scales (BF16 pairs), and four activation registers per tile of 8 activation rows. ``decode``:
+    "place", the bit-placement decode (scales times 2^118); "lookup"; or "int4" (no scale: see above)."""
     n = 4 * token_tiles
     wg, wh, sg, sh = (f"${2 * n + i}" for i in range(4))
+    selectors = ("0x8480", "0x9591", "0xA6A2", "0xB7B3")
 
-    def decode(src, scale, out):  # pairs (e0, e1), (e2, e3), (e4, e5), (e6, e7) of the word, scaled
-        if fast:
+    def decode_word(src, scale, out):  # pairs (e0, e1), (e2, e3), (e4, e5), (e6, e7) of the word, scaled
+        if decode == "int4":
+            return (_INT4_PTX.format(src=src)
+                    + "".join(f"prmt.b32 {out}{i}, lo, hi, {sel};\n"
+                              f"or.b32 {out}{i}, {out}{i}, {INT4_BIAS_PAIR.value:#x};\n"
+                              f"sub.rn.bf16x2 {out}{i}, {out}{i}, offset;\n"
+                              for i, sel in enumerate(selectors)))
+        if decode == "place":
             return (_E2M1_PLACE_PTX.format(src=src)
                     + "".join(f"prmt.b32 {out}{i}, lo, hi, {sel};\n"
                               f"mul.lo.u32 {out}{i}, {out}{i}, {PAIR_SPREAD.value:#x};\n"
                               f"and.b32 {out}{i}, {out}{i}, {PAIR_BITS.value:#x};\n"
-                              for i, sel in enumerate(("0x8480", "0x9591", "0xA6A2", "0xB7B3")))
+                              for i, sel in enumerate(selectors))
                     + "".join(f"mul.rn.bf16x2 {out}{i}, {out}{i}, {scale};\n" for i in range(4)))
         return (_E2M1_LOOKUP_PTX.format(src=src)
                 + "".join(f"prmt.b32 {out}{i}, lo{i // 2}, hi{i // 2}, {sel};\n"
@@ -135,8 +156,12 @@ def _e2m1_mma_ptx(token_tiles, fast):
                 + "".join(f"mul.rn.bf16x2 {out}{i}, {out}{i}, {scale};\n" for i in range(4)))
 
     mma = "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"
-    regs = ("lo, hi" if fast else "mag, mag_hi, sgn, sgn_lo, sgn_hi, lo0, lo1, hi0, hi1, s0, s1")
-    body = ["{", f".reg .b32 {regs}, p0, p1, p2, p3, r0, r1, r2, r3;", decode(wg, sg, "p") + decode(wh, sh, "r")]
+    regs = {"place": "lo, hi", "int4": "lo, hi, offset",
+            "lookup": "mag, mag_hi, sgn, sgn_lo, sgn_hi, lo0, lo1, hi0, hi1, s0, s1"}[decode]
+    body = ["{", f".reg .b32 {regs}, p0, p1, p2, p3, r0, r1, r2, r3;"]
+    if decode == "int4":
+        body.append(f"mov.b32 offset, {INT4_OFFSET_PAIR.value:#x};")
+    body.append(decode_word(wg, sg, "p") + decode_word(wh, sh, "r"))
     for t in range(token_tiles):
         d = ", ".join(f"${4 * t + i}" for i in range(4))
         c = ", ".join(f"${n + 4 * t + i}" for i in range(4))
@@ -146,18 +171,21 @@ def _e2m1_mma_ptx(token_tiles, fast):
     return "\n".join(body + ["}"])
 
 
-_E2M1_MMA_PTX = tl.constexpr(_e2m1_mma_ptx(1, False))
-_E2M1_MMA16_PTX = tl.constexpr(_e2m1_mma_ptx(2, False))
-_E2M1_PLACE_MMA_PTX = tl.constexpr(_e2m1_mma_ptx(1, True))
-_E2M1_PLACE_MMA16_PTX = tl.constexpr(_e2m1_mma_ptx(2, True))
+_E2M1_MMA_PTX = tl.constexpr(_decode_mma_ptx(1, "lookup"))
+_E2M1_MMA16_PTX = tl.constexpr(_decode_mma_ptx(2, "lookup"))
+_E2M1_PLACE_MMA_PTX = tl.constexpr(_decode_mma_ptx(1, "place"))
+_E2M1_PLACE_MMA16_PTX = tl.constexpr(_decode_mma_ptx(2, "place"))
+_INT4_MMA_PTX = tl.constexpr(_decode_mma_ptx(1, "int4"))
+_INT4_MMA16_PTX = tl.constexpr(_decode_mma_ptx(2, "int4"))
 
 
 @triton.jit
 def _mma_gemv_loads(w_ptr, sw_ptr, rows_g, rows_h, q, seg, seg_hi, K, stride_wn, stride_sn, stride_sk,
-                    NVFP4: tl.constexpr):
+                    NVFP4: tl.constexpr, INT4: tl.constexpr):
     """This thread's codes and block scales in one segment of 128 codes: 16 bytes (one 32-code chunk) of
-    rows g and g + 8 as four int32 words each, and the uint8 scales of the chunk's blocks (for MXFP4 the
-    chunk is one block, and the second pair repeats the first)."""
+    rows g and g + 8 as four int32 words each, and the scales of the chunk's blocks (for MXFP4 the
+    chunk is one block, and the second pair repeats the first; for INT4 the segment is one group, and
+    its bf16 scale comes as int16 bits)."""
     chunk = seg * 4 + q
     ok = (seg < seg_hi) & (chunk < K // 32)
     word = (4 * chunk)[:, None] + tl.arange(0, 4)[None, :]  # (T, 4)
@@ -171,8 +199,9 @@ def _mma_gemv_loads(w_ptr, sw_ptr, rows_g, rows_h, q, seg, seg_hi, K, stride_wn,
         sh0 = tl.load(s_h, mask=ok, other=0)
         sh1 = tl.load(s_h + stride_sk, mask=ok, other=0)
     else:
-        sg0 = tl.load(sw_ptr + rows_g * stride_sn + chunk * stride_sk, mask=ok, other=0)
-        sh0 = tl.load(sw_ptr + rows_h * stride_sn + chunk * stride_sk, mask=ok, other=0)
+        block = seg if INT4 else chunk
+        sg0 = tl.load(sw_ptr + rows_g * stride_sn + block * stride_sk, mask=ok, other=0)
+        sh0 = tl.load(sw_ptr + rows_h * stride_sn + block * stride_sk, mask=ok, other=0)
         sg1, sh1 = sg0, sh0
     return wg, wh, sg0, sg1, sh0, sh1
 
@@ -211,6 +240,14 @@ def _placed_pair(w, j: tl.constexpr):
 
 
 @triton.jit
+def _int4_pair(w, j: tl.constexpr):
+    """The interpreter's version of the INT4 decode of byte j of a word (see _INT4_PTX): the pair (low
+    nibble, high nibble) as bf16 patterns of 128 + q + 8, in int32."""
+    n = w ^ -0x77777778  # 0x88888888: q + 8 in every nibble
+    return ((n >> (8 * j)) & 0x0F) | (((n >> (8 * j + 4)) & 0x0F) << 16) | INT4_BIAS_PAIR
+
+
+@triton.jit
 def _pair_value(pair, HIGH: tl.constexpr):
     """One bf16 of an int32 pair (the low one, or the high one) as float32: a shift or a mask, exact."""
     if HIGH:
@@ -221,8 +258,8 @@ def _pair_value(pair, HIGH: tl.constexpr):
 
 @triton.jit
 def _mma_emulated(acc0, acc1, acc2, acc3, wg, wh, sg, sh, b0, b1, b2, b3, WARPS: tl.constexpr,
-                  FAST: tl.constexpr):
-    """The interpreter's stand-in for one block of _e2m1_mma_ptx (one tile of 8 activation rows): the
+                  FAST: tl.constexpr, INT4: tl.constexpr):
+    """The interpreter's stand-in for one block of _decode_mma_ptx (one tile of 8 activation rows): the
     same registers, decoded to float32 (scales ``sg``, ``sh`` as float32) and multiplied as the two
     mma.sync m16n8k16 define it -- lane (g, q) of a warp holds elements 0..7 of its word for K positions
     of rows g and g + 8, and the activations of the same positions for activation row g; an output
@@ -240,13 +277,17 @@ def _mma_emulated(acc0, acc1, acc2, acc3, wg, wh, sg, sh, b0, b1, b2, b3, WARPS:
         else:
             pair = b3
         xv = tl.reshape(_pair_value(pair, i % 2 == 1), (WARPS, 1, 8, 4))
-        if FAST:  # the placed bits, read as bf16 (value * 2^-126), times the scale * 2^118
-            vg = _pair_value(_placed_pair(wg, i // 2), i % 2 == 1)
-            vh = _pair_value(_placed_pair(wh, i // 2), i % 2 == 1)
+        if INT4:  # 128 + q + 8, minus 136: q itself (the group scale comes after the MMAs)
+            ag = tl.reshape(_pair_value(_int4_pair(wg, i // 2), i % 2 == 1) - 136.0, (WARPS, 8, 1, 4))
+            ah = tl.reshape(_pair_value(_int4_pair(wh, i // 2), i % 2 == 1) - 136.0, (WARPS, 8, 1, 4))
         else:
-            vg, vh = _e2m1_value((wg >> (4 * i)) & 0xF), _e2m1_value((wh >> (4 * i)) & 0xF)
-        ag = tl.reshape(vg * sg, (WARPS, 8, 1, 4))
-        ah = tl.reshape(vh * sh, (WARPS, 8, 1, 4))
+            if FAST:  # the placed bits, read as bf16 (value * 2^-126), times the scale * 2^118
+                vg = _pair_value(_placed_pair(wg, i // 2), i % 2 == 1)
+                vh = _pair_value(_placed_pair(wh, i // 2), i % 2 == 1)
+            else:
+                vg, vh = _e2m1_value((wg >> (4 * i)) & 0xF), _e2m1_value((wh >> (4 * i)) & 0xF)
+            ag = tl.reshape(vg * sg, (WARPS, 8, 1, 4))
+            ah = tl.reshape(vh * sh, (WARPS, 8, 1, 4))
         dg += tl.sum(ag * xv, axis=3)
         dh += tl.sum(ah * xv, axis=3)
     g0, g1 = tl.split(tl.reshape(dg, (WARPS, 8, 4, 2)))  # lane (g, q) keeps activation rows 2q, 2q + 1
@@ -258,12 +299,15 @@ def _mma_emulated(acc0, acc1, acc2, acc3, wg, wh, sg, sh, b0, b1, b2, b3, WARPS:
 
 @triton.jit
 def _mma_step(acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, w_g, w_h, s_g, s_h, b0, b1, b2, b3, b4, b5, b6,
-              b7, TOKENS16: tl.constexpr, PTX: tl.constexpr, WARPS: tl.constexpr, FAST: tl.constexpr):
-    """One word of codes per thread and row into the accumulators: compiled, one _e2m1_mma_ptx block
+              b7, TOKENS16: tl.constexpr, PTX: tl.constexpr, WARPS: tl.constexpr, FAST: tl.constexpr,
+              INT4: tl.constexpr):
+    """One word of codes per thread and row into the accumulators: compiled, one _decode_mma_ptx block
     (scales as BF16 pairs); interpreted, _mma_emulated (scales as float32)."""
     if PTX:
         if TOKENS16:
-            if FAST:
+            if INT4:
+                asm: tl.constexpr = _INT4_MMA16_PTX
+            elif FAST:
                 asm: tl.constexpr = _E2M1_PLACE_MMA16_PTX
             else:
                 asm: tl.constexpr = _E2M1_MMA16_PTX
@@ -272,7 +316,9 @@ def _mma_step(acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, w_g, w_h, s_g, s_h
                 [acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, w_g, w_h, s_g, s_h, b0, b1, b2, b3,
                  b4, b5, b6, b7], dtype=(tl.float32,) * 8, is_pure=True, pack=1)
         else:
-            if FAST:
+            if INT4:
+                asm: tl.constexpr = _INT4_MMA_PTX
+            elif FAST:
                 asm: tl.constexpr = _E2M1_PLACE_MMA_PTX
             else:
                 asm: tl.constexpr = _E2M1_MMA_PTX
@@ -282,17 +328,17 @@ def _mma_step(acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, w_g, w_h, s_g, s_h
                 dtype=(tl.float32,) * 4, is_pure=True, pack=1)
     else:
         acc0, acc1, acc2, acc3 = _mma_emulated(acc0, acc1, acc2, acc3, w_g, w_h, s_g, s_h, b0, b1, b2, b3, WARPS,
-                                               FAST)
+                                               FAST, INT4)
         if TOKENS16:
             acc4, acc5, acc6, acc7 = _mma_emulated(acc4, acc5, acc6, acc7, w_g, w_h, s_g, s_h, b4, b5, b6, b7,
-                                                   WARPS, FAST)
+                                                   WARPS, FAST, INT4)
     return acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7
 
 
 @triton.jit
 def _mma_k_loop(x_base, x2_base, x_ok, x2_ok, w_ptr, sw_ptr, rows_g, rows_h, q, warp, seg_lo, seg_hi, K,
                 stride_wn, stride_sn, stride_sk, NVFP4: tl.constexpr, WARPS: tl.constexpr,
-                TOKENS16: tl.constexpr, PTX: tl.constexpr, FAST: tl.constexpr):
+                TOKENS16: tl.constexpr, PTX: tl.constexpr, FAST: tl.constexpr, INT4: tl.constexpr):
     """The K loop of _fp4_mma_gemv_kernel: this thread's accumulators, and (FAST, MXFP4) whether any of
     its blocks had a scale outside FAST_E8M0_LO..FAST_E8M0_HI."""
     T: tl.constexpr = 32 * WARPS
@@ -307,21 +353,29 @@ def _mma_k_loop(x_base, x2_base, x_ok, x2_ok, w_ptr, sw_ptr, rows_g, rows_h, q, 
     acc7 = tl.zeros((T,), dtype=tl.float32)
     outside = tl.zeros((T,), dtype=tl.int1)
     wg, wh, sg0, sg1, sh0, sh1 = _mma_gemv_loads(w_ptr, sw_ptr, rows_g, rows_h, q, seg_lo + warp, seg_hi, K,
-                                                 stride_wn, stride_sn, stride_sk, NVFP4)
+                                                 stride_wn, stride_sn, stride_sk, NVFP4, INT4)
     for seg0 in range(seg_lo, seg_hi, WARPS):
         seg = seg0 + warp  # this warp's segment
         n_wg, n_wh, n_sg0, n_sg1, n_sh0, n_sh1 = _mma_gemv_loads(w_ptr, sw_ptr, rows_g, rows_h, q, seg + WARPS,
-                                                                 seg_hi, K, stride_wn, stride_sn, stride_sk, NVFP4)
+                                                                 seg_hi, K, stride_wn, stride_sn, stride_sk, NVFP4,
+                                                                 INT4)
         chunk = seg * 4 + q
         k_ok = (seg < seg_hi) & (chunk < K // 32)
-        if FAST and not NVFP4:
+        if FAST and not NVFP4 and not INT4:
             eg, eh = sg0.to(tl.int32), sh0.to(tl.int32)
             e_lo = tl.minimum(eg, eh) < FAST_E8M0_LO
             e_hi = tl.maximum(eg, eh) > FAST_E8M0_HI
             outside |= k_ok & (e_lo | e_hi)
         offs = (16 * chunk)[:, None] + offs4[None, :]  # (T, 4): the pairs of word 0 of the chunk
-        sg0, sg1 = _scale_pair(sg0, NVFP4, PTX, FAST), _scale_pair(sg1, NVFP4, PTX, FAST)
-        sh0, sh1 = _scale_pair(sh0, NVFP4, PTX, FAST), _scale_pair(sh1, NVFP4, PTX, FAST)
+        if INT4:  # this group's scales of rows g and g + 8, as float32; the group's sums start from zero
+            group_g = ((sg0.to(tl.int32) & 0xFFFF) << 16).to(tl.float32, bitcast=True)
+            group_h = ((sh0.to(tl.int32) & 0xFFFF) << 16).to(tl.float32, bitcast=True)
+            t0, t1, t2, t3 = tl.zeros_like(acc0), tl.zeros_like(acc1), tl.zeros_like(acc2), tl.zeros_like(acc3)
+            t4, t5, t6, t7 = tl.zeros_like(acc4), tl.zeros_like(acc5), tl.zeros_like(acc6), tl.zeros_like(acc7)
+        else:
+            sg0, sg1 = _scale_pair(sg0, NVFP4, PTX, FAST), _scale_pair(sg1, NVFP4, PTX, FAST)
+            sh0, sh1 = _scale_pair(sh0, NVFP4, PTX, FAST), _scale_pair(sh1, NVFP4, PTX, FAST)
+            t0, t1, t2, t3, t4, t5, t6, t7 = acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7
         wg0, wg2, wg1, wg3 = _quarters(wg)
         wh0, wh2, wh1, wh3 = _quarters(wh)
         for u in tl.static_range(4):
@@ -339,9 +393,14 @@ def _mma_k_loop(x_base, x2_base, x_ok, x2_ok, w_ptr, sw_ptr, rows_g, rows_h, q, 
             if TOKENS16:
                 b4, b6, b5, b7 = _quarters(tl.load(x2_base[:, None] + offs + 4 * u, mask=(k_ok & x2_ok)[:, None],
                                                    other=0))
-            acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = _mma_step(
-                acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, w_g, w_h, s_g, s_h, b0, b1, b2, b3, b4, b5, b6, b7,
-                TOKENS16, PTX, WARPS, FAST)
+            t0, t1, t2, t3, t4, t5, t6, t7 = _mma_step(
+                t0, t1, t2, t3, t4, t5, t6, t7, w_g, w_h, s_g, s_h, b0, b1, b2, b3, b4, b5, b6, b7,
+                TOKENS16, PTX, WARPS, FAST, INT4)
+        if INT4:  # accumulators 0, 1 (4, 5) belong to row g, 2, 3 (6, 7) to row g + 8
+            acc0, acc1, acc2, acc3 = acc0 + t0 * group_g, acc1 + t1 * group_g, acc2 + t2 * group_h, acc3 + t3 * group_h
+            acc4, acc5, acc6, acc7 = acc4 + t4 * group_g, acc5 + t5 * group_g, acc6 + t6 * group_h, acc7 + t7 * group_h
+        else:
+            acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = t0, t1, t2, t3, t4, t5, t6, t7
         wg, wh, sg0, sg1, sh0, sh1 = n_wg, n_wh, n_sg0, n_sg1, n_sh0, n_sh1
     return acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, outside
 
@@ -355,13 +414,14 @@ def _fp4_mma_gemv_kernel(
     M, N, K,  # K counts elements (codes), a multiple of 32
     stride_xm, stride_wn, stride_sn, stride_sk, stride_cm, stride_cn,
     NVFP4: tl.constexpr,  # E4M3 scales per 16 and a tensor scale (True) or E8M0 scales per 32 (False)
+    INT4: tl.constexpr,  # instead: two's complement INT4 codes, a bf16 scale per group of 128 (int16 bits)
     WARPS: tl.constexpr,  # warps per program (num_warps); they take the K segments of 128 in turn
     SPLIT_K: tl.constexpr,
     TOKENS16: tl.constexpr,  # M > 8: a second tile of 8 activation rows, with its own accumulators
     PTX: tl.constexpr,  # compiled for the GPU (False under the interpreter: the MMAs emulated)
 ):
     """C = X W^T for up to 16 activation rows on the Tensor Cores, with the weights decoded in the
-    registers of the threads that load them (see _e2m1_mma_ptx): C^T = W X^T, 16 rows of W by 8 rows
+    registers of the threads that load them (see _decode_mma_ptx): C^T = W X^T, 16 rows of W by 8 rows
     of X per MMA. Per segment of 128 codes a thread loads 16 bytes (one MXFP4 block or two NVFP4
     blocks) of rows g and g + 8 and the activations of its K positions for activation rows g (and
     g + 8), and adds eight MMAs per tile of 8 activation rows into its FP32 accumulators; the next
@@ -388,13 +448,16 @@ def _fp4_mma_gemv_kernel(
     seg_hi = tl.minimum(segs, seg_lo + per_split)
     acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, outside = _mma_k_loop(
         x_base, x2_base, x_ok, x2_ok, w_ptr, sw_ptr, rows_g, rows_h, q, warp, seg_lo, seg_hi, K,
-        stride_wn, stride_sn, stride_sk, NVFP4, WARPS, TOKENS16, PTX, True)
-    unscale = 2.0 ** (126 - PLACED_EXPONENT)  # the fast decode's products are the weights times 2^-8
-    if not NVFP4:
+        stride_wn, stride_sn, stride_sk, NVFP4, WARPS, TOKENS16, PTX, True, INT4)
+    if INT4:
+        unscale = 1.0
+    else:
+        unscale = 2.0 ** (126 - PLACED_EXPONENT)  # the fast decode's products are the weights times 2^-8
+    if not NVFP4 and not INT4:
         if tl.max(outside.to(tl.int32), axis=0) > 0:
             acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, outside = _mma_k_loop(
                 x_base, x2_base, x_ok, x2_ok, w_ptr, sw_ptr, rows_g, rows_h, q, warp, seg_lo, seg_hi, K,
-                stride_wn, stride_sn, stride_sk, NVFP4, WARPS, TOKENS16, PTX, False)
+                stride_wn, stride_sn, stride_sk, NVFP4, WARPS, TOKENS16, PTX, False, INT4)
             unscale = 1.0
     # the warps' partial sums, added in a fixed order, then stored: accumulators 0, 1 hold W row g
     # times activation rows 2q, 2q + 1, accumulators 2, 3 W row g + 8 (4..7 the same for rows 8 + 2q..)
@@ -426,9 +489,8 @@ def _store_mma(v, ts, c_ptr, ws_ptr, row, col, M, N, stride_cm, stride_cn, WARPS
         tl.store(ws_ptr + (tl.program_id(1) * M + col).to(tl.int64) * N + row, v, mask=ok)
 
 
-
-# Compiled, M <= 16 runs _fp4_mma_gemv_kernel instead (MXFP4 always, NVFP4 when K is a multiple of
-# 32): (num_warps, SPLIT_K) for M <= 8 and for 8 < M <= 16, the fastest of a sweep on an H200 at
+# Compiled, M <= 16 runs _fp4_mma_gemv_kernel (MXFP4 and INT4 always, NVFP4 when K is a multiple of
+# 32; INT4 takes MXFP4's setting, not yet swept): (num_warps, SPLIT_K) for M <= 8 and for 8 < M <= 16, the fastest of a sweep on an H200 at
 # N = K = 8192 over 2..16 warps and SPLIT_K 1..4, taken while the activations were still re-paired by
 # byte permutes (M <= 8: 20-23 us, 1.5-1.65x BF16; M = 16: 30 us with 4 warps, 34-47 with the others; a
 # register cap of 64 changed M = 1 by 4%). Nsight Compute at M = 1 then: the integer/logic pipe 63%
@@ -436,7 +498,7 @@ def _store_mma(v, ts, c_ptr, ws_ptr, row, col, M, N, stride_cm, stride_cn, WARPS
 # (the stored benchmark): M <= 8 in 19.8-21.8 us. With the bit-placement decode (3.8 instructions per
 # weight in the loop, from 4.8): M = 1 16.5-16.8 us, 4 warps within 1% for MXFP4 and 10% slower for
 # NVFP4; loading the next segment's activations with its codes (72 registers) was 3-35% slower.
-MMA_GEMV_CONFIG = {"mxfp4": ((8, 1), (4, 1)), "nvfp4": ((8, 1), (4, 1))}
+MMA_GEMV_CONFIG = {"mxfp4": ((8, 1), (4, 1)), "nvfp4": ((8, 1), (4, 1)), "int4": ((8, 1), (4, 1))}
 
 
 def _gemv_mma(x, codes, scales, tensor_scale, out, fmt, config=None):
@@ -457,7 +519,7 @@ def _gemv_mma(x, codes, scales, tensor_scale, out, fmt, config=None):
     ts = tensor_scale if tensor_scale is not None else ws
     _fp4_mma_gemv_kernel[(triton.cdiv(N, 16), split)](
         pairs, words, scales, ts, out, ws, M, N, Kp, pairs.stride(0), words.stride(0), *scales.stride(),
-        *out.stride(), NVFP4=fmt == "nvfp4", WARPS=warps, SPLIT_K=split, TOKENS16=M > 8,
+        *out.stride(), NVFP4=fmt == "nvfp4", INT4=fmt == "int4", WARPS=warps, SPLIT_K=split, TOKENS16=M > 8,
         PTX=not runtime.INTERPRET, num_warps=warps, num_stages=1)
     return _sum_splits(ws, out, M, N, split)
 
