@@ -21,10 +21,10 @@ also when the value rounds to zero (FP4's -0), as :mod:`companion.formats` encod
 
 Compiled, the three float operations are one PTX instruction each (sm_80 and later), and so is
 :func:`max_halves`, the lane-wise integer maximum that finds a block's largest magnitude (``max.u16x2``,
-sm_90: Hopper merges two of them into one three-operand instruction). Under the interpreter they are emulated on the
-halves, which gives the same bits here: the products are exact, and a sum ``y + magic`` that float32
-has to round lies far from any bfloat16 tie (y < 2^-8, where the nearest tie is 0.25 away). Everything
-else is the same integer code in both modes, so CI tests it.
+sm_90, where two of them merge into one three-operand instruction). Under the interpreter they are
+emulated on the halves, which gives the same bits here: the products are exact, and a sum
+``y + magic`` that float32 has to round lies far from any bfloat16 tie (y < 2^-8, where the nearest tie
+is 0.25 away). Everything else is the same integer code in both modes, so CI tests it.
 """
 from __future__ import annotations
 

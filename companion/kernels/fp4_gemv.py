@@ -397,8 +397,10 @@ def _mma_k_loop(x_base, x2_base, x_ok, x2_ok, w_ptr, sw_ptr, rows_g, rows_h, q, 
                 t0, t1, t2, t3, t4, t5, t6, t7, w_g, w_h, s_g, s_h, b0, b1, b2, b3, b4, b5, b6, b7,
                 TOKENS16, PTX, WARPS, FAST, INT4)
         if INT4:  # accumulators 0, 1 (4, 5) belong to row g, 2, 3 (6, 7) to row g + 8
-            acc0, acc1, acc2, acc3 = acc0 + t0 * group_g, acc1 + t1 * group_g, acc2 + t2 * group_h, acc3 + t3 * group_h
-            acc4, acc5, acc6, acc7 = acc4 + t4 * group_g, acc5 + t5 * group_g, acc6 + t6 * group_h, acc7 + t7 * group_h
+            acc0, acc1 = acc0 + t0 * group_g, acc1 + t1 * group_g
+            acc2, acc3 = acc2 + t2 * group_h, acc3 + t3 * group_h
+            acc4, acc5 = acc4 + t4 * group_g, acc5 + t5 * group_g
+            acc6, acc7 = acc6 + t6 * group_h, acc7 + t7 * group_h
         else:
             acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = t0, t1, t2, t3, t4, t5, t6, t7
         wg, wh, sg0, sg1, sh0, sh1 = n_wg, n_wh, n_sg0, n_sg1, n_sh0, n_sh1
@@ -489,15 +491,16 @@ def _store_mma(v, ts, c_ptr, ws_ptr, row, col, M, N, stride_cm, stride_cn, WARPS
         tl.store(ws_ptr + (tl.program_id(1) * M + col).to(tl.int64) * N + row, v, mask=ok)
 
 
-# Compiled, M <= 16 runs _fp4_mma_gemv_kernel (MXFP4 and INT4 always, NVFP4 when K is a multiple of
-# 32; INT4 takes MXFP4's setting, not yet swept): (num_warps, SPLIT_K) for M <= 8 and for 8 < M <= 16, the fastest of a sweep on an H200 at
-# N = K = 8192 over 2..16 warps and SPLIT_K 1..4, taken while the activations were still re-paired by
-# byte permutes (M <= 8: 20-23 us, 1.5-1.65x BF16; M = 16: 30 us with 4 warps, 34-47 with the others; a
-# register cap of 64 changed M = 1 by 4%). Nsight Compute at M = 1 then: the integer/logic pipe 63%
-# busy, DRAM 33%, 19 warps per SM -- the decode, not the bytes, set the time. Without the re-pairing
-# (the stored benchmark): M <= 8 in 19.8-21.8 us. With the bit-placement decode (3.8 instructions per
-# weight in the loop, from 4.8): M = 1 16.5-16.8 us, 4 warps within 1% for MXFP4 and 10% slower for
-# NVFP4; loading the next segment's activations with its codes (72 registers) was 3-35% slower.
+# Compiled, M <= 16 runs _fp4_mma_gemv_kernel (MXFP4 and INT4 always, NVFP4 when K is a multiple of 32;
+# INT4 takes MXFP4's setting, not yet swept): (num_warps, SPLIT_K) for M <= 8 and for 8 < M <= 16, the
+# fastest of a sweep on an H200 at N = K = 8192 over 2..16 warps and SPLIT_K 1..4, taken while the
+# activations were still re-paired by byte permutes (M <= 8: 20-23 us, 1.5-1.65x BF16; M = 16: 30 us
+# with 4 warps, 34-47 with the others; a register cap of 64 changed M = 1 by 4%). Nsight Compute at
+# M = 1 then: the integer/logic pipe 63% busy, DRAM 33%, 19 warps per SM -- the decode, not the bytes, set
+# the time. Without the re-pairing (the stored benchmark): M <= 8 in 19.8-21.8 us. With the
+# bit-placement decode (3.8 instructions per weight in the loop, from 4.8): M = 1 16.5-16.8 us, 4 warps
+# within 1% for MXFP4 and 10% slower for NVFP4; loading the next segment's activations with its codes
+# (72 registers) was 3-35% slower.
 MMA_GEMV_CONFIG = {"mxfp4": ((8, 1), (4, 1)), "nvfp4": ((8, 1), (4, 1)), "int4": ((8, 1), (4, 1))}
 
 
