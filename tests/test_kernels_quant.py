@@ -8,9 +8,12 @@ import numpy as np
 import pytest
 import torch
 
+import triton
+import triton.language as tl
+
 from companion import mx, runtime, scaling
 from companion.formats import get_format
-from companion.kernels import mx_quant
+from companion.kernels import mx_quant, nvfp4_quant
 from companion.kernels import (
     dequantize_fp8_blockwise, dequantize_mx, dequantize_nvfp4, fp8_blockwise_reference, nvfp4_reference,
     quantize_fp8_blockwise, quantize_mx_rows, quantize_mx_rows_and_columns, quantize_nvfp4_kernel,
@@ -257,6 +260,47 @@ def test_nvfp4_matches_reference(shape, dtype):
         assert_same_bits(want[:2], expected)
         assert_same_values(dequantize_nvfp4(*got, shape, torch.float32), torch.from_numpy(ref.dequantize()).float())
     assert want[2].item() == ref.tensor_scale
+
+
+@triton.jit
+def _divide_kernel(x_ptr, den_ptr, out_ptr, BLOCK: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    offsets = rows[:, None, None] * 16 + tl.arange(0, 16)[None, None, :]  # (BLOCK, 1, 16): one block each
+    den = tl.load(den_ptr + rows)[:, None, None]
+    tl.store(out_ptr + offsets, nvfp4_quant._divide(tl.load(x_ptr + offsets), den))
+
+
+def test_nvfp4_division_is_correctly_rounded():
+    # The quantize kernel divides by a block's scale with one reciprocal per block and a Markstein
+    # correction per element; it must equal IEEE division bit for bit for quotients in the normal range,
+    # on random significands and on the awkward ones: divisors just above 1 and just below 2 (their
+    # reciprocals round the most), dividends just below a power of two, and NVFP4's own scales (an E4M3
+    # value times amax / 2688) with bf16 dividends.
+    g = torch.Generator().manual_seed(21)
+    n = 1 << 12  # blocks of 16
+
+    def significands(size, lo=1.0, hi=2.0):
+        return lo + (hi - lo) * torch.rand(size, generator=g, dtype=torch.float64)
+
+    def exponents(size, span):
+        size = size if isinstance(size, tuple) else (size,)
+        return torch.exp2(torch.randint(-span, span + 1, size, generator=g).double())
+
+    ulp = 2.0 ** -23
+    den = torch.cat([significands(n), 1 + ulp * torch.randint(1, 64, (n,), generator=g),
+                     2 - ulp * torch.randint(1, 64, (n,), generator=g)]) * exponents(3 * n, 30)
+    den = den[:, None]
+    x = torch.cat([significands((n, 16)), 2 - ulp * torch.randint(1, 64, (n, 16), generator=g),
+                   significands((n, 16))]) * exponents((3 * n, 16), 60)
+    x = torch.where(torch.rand(x.shape, generator=g) < 0.5, -x, x)
+    e4m3 = (torch.rand(n, generator=g) * 448).to(torch.float8_e4m3fn).float().clamp(min=2.0 ** -9)
+    nv_den = e4m3 * (torch.rand(n, generator=g) * 8).bfloat16().float().clamp(min=0.01) / 2688
+    nv_x = torch.randn(n, 16, generator=g).bfloat16().float() * 4
+    x, den = torch.cat([x.float(), nv_x]), torch.cat([den.float(), nv_den[:, None]])
+    out = torch.empty_like(x, device=DEVICE)
+    _divide_kernel[(x.shape[0] // 64,)](x.to(DEVICE), den.reshape(-1).contiguous().to(DEVICE), out, BLOCK=64)
+    want = x / den
+    assert torch.equal(out.cpu().view(torch.int32), want.view(torch.int32))
 
 
 def test_nvfp4_float32_and_float64_definitions_differ_only_next_to_a_tie():
