@@ -13,7 +13,7 @@ import triton.language as tl
 
 from companion import mx, runtime, scaling
 from companion.formats import get_format
-from companion.kernels import mx_quant, nvfp4_quant
+from companion.kernels import float_codes, mx_quant
 from companion.kernels import (
     dequantize_fp8_blockwise, dequantize_mx, dequantize_nvfp4, fp8_blockwise_reference, nvfp4_reference,
     quantize_fp8_blockwise, quantize_mx_rows, quantize_mx_rows_and_columns, quantize_nvfp4_kernel,
@@ -267,7 +267,7 @@ def _divide_kernel(x_ptr, den_ptr, out_ptr, BLOCK: tl.constexpr):
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     offsets = rows[:, None, None] * 16 + tl.arange(0, 16)[None, None, :]  # (BLOCK, 1, 16): one block each
     den = tl.load(den_ptr + rows)[:, None, None]
-    tl.store(out_ptr + offsets, nvfp4_quant._divide(tl.load(x_ptr + offsets), den))
+    tl.store(out_ptr + offsets, float_codes.divide_by_scale(tl.load(x_ptr + offsets), den, True))
 
 
 def test_nvfp4_division_is_correctly_rounded():
@@ -296,11 +296,23 @@ def test_nvfp4_division_is_correctly_rounded():
     e4m3 = (torch.rand(n, generator=g) * 448).to(torch.float8_e4m3fn).float().clamp(min=2.0 ** -9)
     nv_den = e4m3 * (torch.rand(n, generator=g) * 8).bfloat16().float().clamp(min=0.01) / 2688
     nv_x = torch.randn(n, 16, generator=g).bfloat16().float() * 4
-    x, den = torch.cat([x.float(), nv_x]), torch.cat([den.float(), nv_den[:, None]])
+    # The ends of the scale range, with quotients from 2^-11 up; then special and tiny dividends.
+    ends = torch.tensor([2.0 ** -90, 2.0 ** 90] * 32)[:, None]
+    end_x = significands((64, 16)) * torch.exp2(torch.randint(-11, 9, (64, 16), generator=g).double()) * ends
+    special = torch.tensor([0.0, -0.0, INF, -INF, NAN, 1e-45, -1e-40, 3e-39, -2.0 ** -100, 2.0 ** -90,
+                            1.0, -448.0, 7.5e-37, -1e-30, 1e-20, -3.0])
+    spec_den = torch.exp2(torch.arange(-90, 91, 180 / 63).double())[:64, None]
+    x = torch.cat([x, end_x, special.double().repeat(64, 1)]).float()
+    den = torch.cat([den, ends, spec_den]).float()
+    x, den = torch.cat([x, nv_x]), torch.cat([den, nv_den[:, None]])
     out = torch.empty_like(x, device=DEVICE)
     _divide_kernel[(x.shape[0] // 64,)](x.to(DEVICE), den.reshape(-1).contiguous().to(DEVICE), out, BLOCK=64)
-    want = x / den
-    assert torch.equal(out.cpu().view(torch.int32), want.view(torch.int32))
+    got, want = out.cpu(), x / den
+    large = ~(want.abs() < 2.0 ** -11)  # NaN and Inf included: they must match too
+    assert_same_values(got[large], want[large])
+    small = ~large
+    assert torch.equal(torch.signbit(got[small]), torch.signbit(want[small])) and (got[small].abs() < 2.0 ** -11).all()
+    assert small.sum() > 64 and (want == 0).sum() > 64 and torch.isinf(want).sum() >= 128
 
 
 def test_nvfp4_float32_and_float64_definitions_differ_only_next_to_a_tie():

@@ -18,10 +18,10 @@ rounding error of the float32 scale (here) or of the float64 one (companion.mx) 
 and the codes differ by one step (about 1 in 10^4 codes on random bf16 data; tested).
 
 The kernel divides each element by its block's scale without a division per element: one IEEE
-reciprocal per block, then a product and two FMAs per element (:func:`_divide`), which give the IEEE
-quotient bit for bit (tested directly, on a quarter of a million quotients), as long as the tensor
-scale lies between 2^-90 and 2^90; outside that range the kernel divides as IEEE does, element by
-element.
+reciprocal per block, then a product and two FMAs per element
+(:func:`companion.kernels.float_codes.divide_by_scale`), which give the IEEE quotient bit for bit where
+it matters, as long as every possible block scale lies between 2^-90 and 2^90; beyond that the kernel
+divides as IEEE does, element by element.
 """
 from __future__ import annotations
 
@@ -32,7 +32,10 @@ import triton.language as tl
 
 from companion import runtime
 from companion.formats import get_format
-from companion.kernels.float_codes import load_tile_fp32, tile_random_bits, from_e4m3, to_e2m1, to_e2m1_stochastic, to_e4m3
+from companion.kernels.float_codes import (
+    DIVIDE_SCALE_MAX, DIVIDE_SCALE_MIN, divide_by_scale, from_e4m3, load_tile_fp32, tile_random_bits, to_e2m1,
+    to_e2m1_stochastic, to_e4m3,
+)
 from companion.kernels.fp8_blockwise import check_rounding
 from companion.mx import pack_fp4
 
@@ -56,24 +59,6 @@ def _amax_kernel(
     magnitude = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
     finite = tl.where(magnitude < 0x7F800000, magnitude, 0)
     tl.atomic_max(amax_ptr, tl.max(tl.max(finite, axis=1), axis=0))
-
-
-@triton.jit
-def _divide(x, den):
-    """x / den rounded once to nearest-even, as tl.math.div_rn, for den in [2^-99, 2^99] that is the same
-    along the last axis (a block): one IEEE reciprocal per block, then three operations per element.
-
-    With r = RN(1/den) and y = RN(x * r), y is within an ulp of x / den, so the remainder x - den * y is
-    a float32 number, which one FMA gives exactly; one more FMA, RN(y + remainder * r), is then the
-    correctly rounded quotient (Markstein's correction step). The range of den keeps r, the remainder
-    and a quotient of 0.25 or more clear of overflow and underflow; a smaller quotient rounds to a zero
-    E2M1 code whatever its last bits, and its sign, which an exact zero from the FMA could lose, is
-    put back from x (den > 0)."""
-    r = tl.math.div_rn(1.0, den)  # den: (..., 1), one value per block
-    y = x * r
-    q = tl.fma(tl.fma(-y, den, x), r, y)
-    return ((q.to(tl.int32, bitcast=True) & 0x7FFFFFFF) | (x.to(tl.int32, bitcast=True) & -0x80000000)
-            ).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -108,8 +93,8 @@ def _nvfp4_kernel(
     scale = s_block * s_t
     live = scale > 0
     den = tl.where(live, scale, 1.0)[:, :, None]
-    if (s_t >= 2.0 ** -90) & (s_t <= 2.0 ** 90):  # every den in [2^-99, 2^99]: see _divide
-        v = _divide(x3, den)
+    if (s_t * 2.0 ** -9 >= DIVIDE_SCALE_MIN) & (s_t * 448.0 <= DIVIDE_SCALE_MAX):  # every block's scale
+        v = divide_by_scale(x3, den, False)  # Inf/NaN blocks are masked below
     else:
         v = tl.math.div_rn(x3, den)
     if STOCHASTIC:
