@@ -86,6 +86,10 @@ def _decode(median_ms, copy_bytes_per_s):
             calls["nvfp4_tile_kernel"] = [lambda q=q: w4a16_matmul(x, q[0], q[1], format="nvfp4", tensor_scale=q[2],
                                                                    _config=DECODE_CONFIG["nvfp4"]) for q in nv]
             calls["nvfp4_bitwise_kernel"] = [lambda q=q: _nvfp4_bitwise(x, *q) for q in nv]
+            # the GEMV with two tiles of 16 weight rows per program (the activations read from L2 half as often)
+            calls["mxfp4_two_row_tiles"] = [lambda q=q: w4a16_matmul(x, *q, _gemv_config=(8, 1, 2)) for q in mx]
+            calls["int4_two_row_tiles"] = [lambda q=q: w4a16_matmul(x, *q, format="int4", _gemv_config=(8, 1, 2))
+                                           for q in i4]
         # Replayed as a CUDA graph, as decode loops run in serving: GPU time without the host's launch
         # gaps. Launched one by one from Python (do_bench, L2 flushed before each call), a call of two
         # kernels (split K) can leave the GPU idle between them, and the idle time is timed too.

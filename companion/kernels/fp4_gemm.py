@@ -338,7 +338,7 @@ def _output(M, N, out_dtype, device):
 
 def w4a16_matmul(x: torch.Tensor, w_codes: torch.Tensor, w_scales: torch.Tensor, *, format: str = "mxfp4",
                  tensor_scale: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16,
-                 _config=None) -> torch.Tensor:
+                 _config=None, _gemv_config=None) -> torch.Tensor:
     """C = x @ dequant(W)^T with bf16 activations ``x`` (M, K) and 4-bit weights decoded in registers.
 
     ``format="mxfp4"``: ``w_codes`` (N, Kp/2) packed E2M1 (float4_e2m1fn_x2 or uint8), ``w_scales``
@@ -365,14 +365,14 @@ def w4a16_matmul(x: torch.Tensor, w_codes: torch.Tensor, w_scales: torch.Tensor,
     if format == "int4":
         s = _scales(w_scales, "w_scales", (torch.bfloat16,), (N, Kp // INT4_GROUP)).view(torch.int16)
         if M <= 16:
-            return _gemv_mma(x, codes, s, None, c, format)
+            return _gemv_mma(x, codes, s, None, c, format, _gemv_config)
         args = (x, codes, s, s, M, N, Kp, x.shape[1], *x.stride(), *codes.stride(), *s.stride(), *c.stride())
         return _launch(_int4_w4a16_kernel, _int4_w4a16_tuned, args, M, N, Kp, x.device, c, format,
                        UPCAST_DOT=runtime.INTERPRET)
     if format == "mxfp4":
         s = _scales(w_scales, "w_scales", (torch.float8_e8m0fnu, torch.uint8), (N, Kp // MX_BLOCK))
         if M <= 16 and _config is None:
-            return _gemv_mma(x, codes, s, None, c, format)
+            return _gemv_mma(x, codes, s, None, c, format, _gemv_config)
         args = (x, x, codes, s, M, N, Kp, x.shape[1], *x.stride(), 0, 0, *codes.stride(), *s.stride(), *c.stride())
         return _launch(_dot_scaled_kernel, _dot_scaled_tuned, args, M, N, Kp, x.device, c, format, _config,
                        A_FP4=False)
@@ -381,7 +381,7 @@ def w4a16_matmul(x: torch.Tensor, w_codes: torch.Tensor, w_scales: torch.Tensor,
     if tensor_scale.numel() != 1:
         raise ValueError(f"tensor_scale must hold one element, got shape {tuple(tensor_scale.shape)}")
     if M <= 16 and Kp % 32 == 0 and _config is None:  # the MMA kernel reads chunks of 32 codes
-        return _gemv_mma(x, codes, s, tensor_scale, c, format)
+        return _gemv_mma(x, codes, s, tensor_scale, c, format, _gemv_config)
     args = (x, codes, s, tensor_scale, M, N, Kp, x.shape[1], *x.stride(), *codes.stride(), *s.stride(), *c.stride())
     if M <= 16:
         return _launch(_nvfp4_decode_kernel, None, args, M, N, Kp, x.device, c, format, _config,

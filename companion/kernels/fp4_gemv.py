@@ -338,9 +338,12 @@ def _mma_step(acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, w_g, w_h, s_g, s_h
 @triton.jit
 def _mma_k_loop(x_base, x2_base, x_ok, x2_ok, w_ptr, sw_ptr, rows_g, rows_h, q, warp, seg_lo, seg_hi, K,
                 stride_wn, stride_sn, stride_sk, NVFP4: tl.constexpr, WARPS: tl.constexpr,
-                TOKENS16: tl.constexpr, PTX: tl.constexpr, FAST: tl.constexpr, INT4: tl.constexpr):
+                TOKENS16: tl.constexpr, PTX: tl.constexpr, FAST: tl.constexpr, INT4: tl.constexpr,
+                ROW_TILES: tl.constexpr):
     """The K loop of _fp4_mma_gemv_kernel: this thread's accumulators, and (FAST, MXFP4) whether any of
-    its blocks had a scale outside FAST_E8M0_LO..FAST_E8M0_HI."""
+    its blocks had a scale outside FAST_E8M0_LO..FAST_E8M0_HI. ``warp`` counts within the thread's
+    group of WARPS / ROW_TILES warps, which take the segments in turn."""
+    STRIDE: tl.constexpr = WARPS // ROW_TILES
     T: tl.constexpr = 32 * WARPS
     offs4 = tl.arange(0, 4)
     acc0 = tl.zeros((T,), dtype=tl.float32)
@@ -354,9 +357,9 @@ def _mma_k_loop(x_base, x2_base, x_ok, x2_ok, w_ptr, sw_ptr, rows_g, rows_h, q, 
     outside = tl.zeros((T,), dtype=tl.int1)
     wg, wh, sg0, sg1, sh0, sh1 = _mma_gemv_loads(w_ptr, sw_ptr, rows_g, rows_h, q, seg_lo + warp, seg_hi, K,
                                                  stride_wn, stride_sn, stride_sk, NVFP4, INT4)
-    for seg0 in range(seg_lo, seg_hi, WARPS):
+    for seg0 in range(seg_lo, seg_hi, STRIDE):
         seg = seg0 + warp  # this warp's segment
-        n_wg, n_wh, n_sg0, n_sg1, n_sh0, n_sh1 = _mma_gemv_loads(w_ptr, sw_ptr, rows_g, rows_h, q, seg + WARPS,
+        n_wg, n_wh, n_sg0, n_sg1, n_sh0, n_sh1 = _mma_gemv_loads(w_ptr, sw_ptr, rows_g, rows_h, q, seg + STRIDE,
                                                                  seg_hi, K, stride_wn, stride_sn, stride_sk, NVFP4,
                                                                  INT4)
         chunk = seg * 4 + q
@@ -420,6 +423,7 @@ def _fp4_mma_gemv_kernel(
     WARPS: tl.constexpr,  # warps per program (num_warps); they take the K segments of 128 in turn
     SPLIT_K: tl.constexpr,
     TOKENS16: tl.constexpr,  # M > 8: a second tile of 8 activation rows, with its own accumulators
+    ROW_TILES: tl.constexpr,  # tiles of 16 weight rows per program, one per group of WARPS / ROW_TILES warps
     PTX: tl.constexpr,  # compiled for the GPU (False under the interpreter: the MMAs emulated)
 ):
     """C = X W^T for up to 16 activation rows on the Tensor Cores, with the weights decoded in the
@@ -430,27 +434,33 @@ def _fp4_mma_gemv_kernel(
     segment's codes and scales are loaded before this one is decoded. The warps' sums are added once,
     after the K loop.
 
+    With ROW_TILES = 2 the warps form two groups, one per tile of 16 weight rows, that walk the same
+    segments at the same pace: the second group's activation loads find the lines the first group's
+    brought into L1, so the activations cross from L2 once per 32 weight rows instead of once per 16 --
+    for M = 16 they are four times the bytes of the weights a program reads.
+
     The codes are decoded by bit placement (the fast decode); an MXFP4 program that meets a block
     scale outside FAST_E8M0_LO..FAST_E8M0_HI, which that decode cannot carry, runs its K loop again
     with the lookup."""
     T: tl.constexpr = 32 * WARPS
+    GROUP: tl.constexpr = WARPS // ROW_TILES
     lane = tl.arange(0, T)
     g = (lane % 32) // 4
     q = lane % 4
-    warp = lane // 32
-    rows = tl.program_id(0) * 16 + g
+    warp = (lane // 32) % GROUP  # within its group
+    rows = tl.program_id(0) * (16 * ROW_TILES) + (lane // (32 * GROUP)) * 16 + g
     rows_g = tl.where(rows < N, rows, 0).to(tl.int64)
     rows_h = tl.where(rows + 8 < N, rows + 8, 0).to(tl.int64)
     x_ok, x2_ok = g < M, g + 8 < M
     x_base = x_ptr + tl.where(x_ok, g, 0) * stride_xm
     x2_base = x_ptr + tl.where(x2_ok, g + 8, 0) * stride_xm
     segs = tl.cdiv(K, 128)
-    per_split = tl.cdiv(tl.cdiv(segs, SPLIT_K), WARPS) * WARPS
+    per_split = tl.cdiv(tl.cdiv(segs, SPLIT_K), GROUP) * GROUP
     seg_lo = tl.program_id(1) * per_split
     seg_hi = tl.minimum(segs, seg_lo + per_split)
     acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, outside = _mma_k_loop(
         x_base, x2_base, x_ok, x2_ok, w_ptr, sw_ptr, rows_g, rows_h, q, warp, seg_lo, seg_hi, K,
-        stride_wn, stride_sn, stride_sk, NVFP4, WARPS, TOKENS16, PTX, True, INT4)
+        stride_wn, stride_sn, stride_sk, NVFP4, WARPS, TOKENS16, PTX, True, INT4, ROW_TILES)
     if INT4:
         unscale = 1.0
     else:
@@ -459,31 +469,31 @@ def _fp4_mma_gemv_kernel(
         if tl.max(outside.to(tl.int32), axis=0) > 0:
             acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, outside = _mma_k_loop(
                 x_base, x2_base, x_ok, x2_ok, w_ptr, sw_ptr, rows_g, rows_h, q, warp, seg_lo, seg_hi, K,
-                stride_wn, stride_sn, stride_sk, NVFP4, WARPS, TOKENS16, PTX, False, INT4)
+                stride_wn, stride_sn, stride_sk, NVFP4, WARPS, TOKENS16, PTX, False, INT4, ROW_TILES)
             unscale = 1.0
     # the warps' partial sums, added in a fixed order, then stored: accumulators 0, 1 hold W row g
     # times activation rows 2q, 2q + 1, accumulators 2, 3 W row g + 8 (4..7 the same for rows 8 + 2q..)
-    l32 = tl.arange(0, 32)
-    r = tl.program_id(0) * 16 + l32 // 4
+    l32 = tl.arange(0, ROW_TILES * 32)  # (tile, lane) of a warp
+    r = tl.program_id(0) * (16 * ROW_TILES) + (l32 // 32) * 16 + (l32 % 32) // 4
     col = 2 * (l32 % 4)
     ts = (tl.load(ts_ptr) if NVFP4 else 1.0) * unscale
-    _store_mma(acc0, ts, c_ptr, ws_ptr, r, col, M, N, stride_cm, stride_cn, WARPS, SPLIT_K)
-    _store_mma(acc1, ts, c_ptr, ws_ptr, r, col + 1, M, N, stride_cm, stride_cn, WARPS, SPLIT_K)
-    _store_mma(acc2, ts, c_ptr, ws_ptr, r + 8, col, M, N, stride_cm, stride_cn, WARPS, SPLIT_K)
-    _store_mma(acc3, ts, c_ptr, ws_ptr, r + 8, col + 1, M, N, stride_cm, stride_cn, WARPS, SPLIT_K)
+    _store_mma(acc0, ts, c_ptr, ws_ptr, r, col, M, N, stride_cm, stride_cn, WARPS, SPLIT_K, ROW_TILES)
+    _store_mma(acc1, ts, c_ptr, ws_ptr, r, col + 1, M, N, stride_cm, stride_cn, WARPS, SPLIT_K, ROW_TILES)
+    _store_mma(acc2, ts, c_ptr, ws_ptr, r + 8, col, M, N, stride_cm, stride_cn, WARPS, SPLIT_K, ROW_TILES)
+    _store_mma(acc3, ts, c_ptr, ws_ptr, r + 8, col + 1, M, N, stride_cm, stride_cn, WARPS, SPLIT_K, ROW_TILES)
     if TOKENS16:
-        _store_mma(acc4, ts, c_ptr, ws_ptr, r, col + 8, M, N, stride_cm, stride_cn, WARPS, SPLIT_K)
-        _store_mma(acc5, ts, c_ptr, ws_ptr, r, col + 9, M, N, stride_cm, stride_cn, WARPS, SPLIT_K)
-        _store_mma(acc6, ts, c_ptr, ws_ptr, r + 8, col + 8, M, N, stride_cm, stride_cn, WARPS, SPLIT_K)
-        _store_mma(acc7, ts, c_ptr, ws_ptr, r + 8, col + 9, M, N, stride_cm, stride_cn, WARPS, SPLIT_K)
+        _store_mma(acc4, ts, c_ptr, ws_ptr, r, col + 8, M, N, stride_cm, stride_cn, WARPS, SPLIT_K, ROW_TILES)
+        _store_mma(acc5, ts, c_ptr, ws_ptr, r, col + 9, M, N, stride_cm, stride_cn, WARPS, SPLIT_K, ROW_TILES)
+        _store_mma(acc6, ts, c_ptr, ws_ptr, r + 8, col + 8, M, N, stride_cm, stride_cn, WARPS, SPLIT_K, ROW_TILES)
+        _store_mma(acc7, ts, c_ptr, ws_ptr, r + 8, col + 9, M, N, stride_cm, stride_cn, WARPS, SPLIT_K, ROW_TILES)
 
 
 @triton.jit
 def _store_mma(v, ts, c_ptr, ws_ptr, row, col, M, N, stride_cm, stride_cn, WARPS: tl.constexpr,
-               SPLIT_K: tl.constexpr):
-    """One accumulator register of the MMA tiles, summed over the warps and times the tensor scale:
-    C[col, row] (C^T was computed), or this split's partial."""
-    v = tl.sum(tl.reshape(v, (WARPS, 32)), axis=0) * ts
+               SPLIT_K: tl.constexpr, ROW_TILES: tl.constexpr):
+    """One accumulator register of the MMA tiles, summed over the warps of each row tile's group and
+    times the tensor scale: C[col, row] (C^T was computed), or this split's partial."""
+    v = tl.reshape(tl.sum(tl.reshape(v, (ROW_TILES, WARPS // ROW_TILES, 32)), axis=1), (ROW_TILES * 32,)) * ts
     ok = (row < N) & (col < M)
     if SPLIT_K == 1:
         tl.store(c_ptr + col.to(tl.int64) * stride_cm + row * stride_cn, round_for_store(v, c_ptr), mask=ok)
@@ -501,7 +511,8 @@ def _store_mma(v, ts, c_ptr, ws_ptr, row, col, M, N, stride_cm, stride_cn, WARPS
 # bit-placement decode (3.8 instructions per weight in the loop, from 4.8): M = 1 16.5-16.8 us, 4 warps
 # within 1% for MXFP4 and 10% slower for NVFP4; loading the next segment's activations with its codes
 # (72 registers) was 3-35% slower.
-MMA_GEMV_CONFIG = {"mxfp4": ((8, 1), (4, 1)), "nvfp4": ((8, 1), (4, 1)), "int4": ((8, 1), (4, 1))}
+# (num_warps, SPLIT_K, ROW_TILES): two row tiles per program are not yet measured, so one is the default.
+MMA_GEMV_CONFIG = {fmt: ((8, 1, 1), (4, 1, 1)) for fmt in ("mxfp4", "nvfp4", "int4")}
 
 
 def _gemv_mma(x, codes, scales, tensor_scale, out, fmt, config=None):
@@ -514,16 +525,20 @@ def _gemv_mma(x, codes, scales, tensor_scale, out, fmt, config=None):
     if codes.stride(1) != 1 or codes.stride(0) % 4 or codes.storage_offset() % 4:
         codes = codes.clone(memory_format=torch.contiguous_format)
     pairs, words = x.view(torch.int32), codes.view(torch.int32)
-    if runtime.INTERPRET:  # two warps, and K split in two when it is long enough, so that CI runs both paths
-        warps, split = 2, 2 if Kp > 256 else 1
+    if config is not None:
+        warps, split, row_tiles = config
+    elif runtime.INTERPRET:  # K split in two when it is long enough, and two row tiles of one warp each
+        warps, split, row_tiles = 2, 2 if Kp > 256 else 1, 2 if M > 8 else 1  # for M > 8: CI runs every path
     else:
-        warps, split = config or MMA_GEMV_CONFIG[fmt][M > 8]
+        warps, split, row_tiles = MMA_GEMV_CONFIG[fmt][M > 8]
+    if warps % row_tiles:
+        raise ValueError(f"{warps} warps do not split into {row_tiles} row tiles")
     ws = torch.empty((split, M, N) if split > 1 else (1,), dtype=torch.float32, device=x.device)
     ts = tensor_scale if tensor_scale is not None else ws
-    _fp4_mma_gemv_kernel[(triton.cdiv(N, 16), split)](
+    _fp4_mma_gemv_kernel[(triton.cdiv(N, 16 * row_tiles), split)](
         pairs, words, scales, ts, out, ws, M, N, Kp, pairs.stride(0), words.stride(0), *scales.stride(),
         *out.stride(), NVFP4=fmt == "nvfp4", INT4=fmt == "int4", WARPS=warps, SPLIT_K=split, TOKENS16=M > 8,
-        PTX=not runtime.INTERPRET, num_warps=warps, num_stages=1)
+        ROW_TILES=row_tiles, PTX=not runtime.INTERPRET, num_warps=warps, num_stages=1)
     return _sum_splits(ws, out, M, N, split)
 
 
