@@ -141,27 +141,24 @@ DIVIDE_SCALE_MIN, DIVIDE_SCALE_MAX = tl.constexpr(2.0 ** -90), tl.constexpr(2.0 
 
 @triton.jit
 def divide_by_scale(
-    x,  # float32 values
+    x,  # float32 values, finite (callers mask the blocks that hold NaN or Inf)
     den,  # float32 scales in [DIVIDE_SCALE_MIN, DIVIDE_SCALE_MAX], broadcast against x (one per block)
-    INFINITE: tl.constexpr,  # x may hold +-Inf (whose quotient is then +-Inf, as IEEE division gives)
 ):
     """x / den rounded once to nearest-even, bit for bit what IEEE division (``tl.math.div_rn``) gives
     wherever the quotient's magnitude is 2^-11 or more, and the same sign and a magnitude below 2^-11
-    where it is smaller; NaN stays NaN. One IEEE reciprocal per scale, then a product and two FMAs
-    per element, where a division costs about three times as many instructions.
+    where it is smaller. One IEEE reciprocal per scale, then a product, two FMAs and a sign per element.
 
-    With r = RN(1/den) and y = RN(x * r), y is within an ulp of x / den, so the remainder
-    y * den - x is a float32 number, which one FMA gives exactly; RN(y - remainder * r), one more
-    FMA, is then the correctly rounded quotient (Markstein's correction step). Both signs of zero come
-    out right: a zero x gives a zero remainder of the sign that leaves y's sign on the result. The
-    range of den keeps r, and the remainder of any quotient of 2^-11 or more, clear of overflow and
-    underflow."""
+    With r = RN(1/den) and y = RN(x * r), y is within an ulp of x / den, so the remainder x - den * y is
+    a float32 number, which one FMA gives exactly; RN(y + remainder * r), one more FMA, is then the
+    correctly rounded quotient (Markstein's correction step). The range of den keeps r, and the
+    remainder of any quotient of 2^-11 or more, clear of overflow and underflow. The sign is put back
+    from x as a bit (den > 0): the sign of an exact zero from the FMAs depends on how the compiler
+    arranges their negations, and compiled and interpreted code arrange them differently."""
     r = tl.math.div_rn(1.0, den)
     y = x * r
-    q = tl.fma(-tl.fma(y, den, -x), r, y)
-    if INFINITE:  # an infinite x makes the remainder NaN; its quotient is y
-        q = tl.where(q != q, y, q)
-    return q
+    q = tl.fma(tl.fma(-y, den, x), r, y)
+    return ((q.to(tl.int32, bitcast=True) & 0x7FFFFFFF) | (x.to(tl.int32, bitcast=True) & -0x80000000)
+            ).to(tl.float32, bitcast=True)
 
 
 @triton.jit

@@ -17,9 +17,9 @@ or ``per_tile(128, 128)`` and fp32 scales, where it computes in float64 (the tes
 agree). ``fp8_blockwise_reference`` states the float32 arithmetic directly; it is also the
 definition of the power-of-two variant, which ``companion.scaling`` does not have (its e8m0 scales
 round to nearest, not up). Divisions use ``tl.math.div_rn``: Triton's ``/`` on float32 may compile
-to an approximate division. The element divisions ``x / s`` are one reciprocal per block and a
-correction per element (:func:`companion.kernels.float_codes.divide_by_scale`), equal to IEEE division
-for every code; a program with a scale outside 2^-90..2^90 divides element by element.
+to an approximate division. (The NVFP4 kernel divides with one reciprocal per block and a correction
+per element, :func:`companion.kernels.float_codes.divide_by_scale`; here that needs a maximum over
+the program's blocks to decide whether every scale suits it, and on an H200 the kernel was slower so.)
 """
 from __future__ import annotations
 
@@ -30,10 +30,7 @@ import triton.language as tl
 
 from companion import runtime
 from companion.formats import get_format
-from companion.kernels.float_codes import (
-    DIVIDE_SCALE_MAX, DIVIDE_SCALE_MIN, divide_by_scale, load_tile_fp32, tile_random_bits, to_e4m3,
-    to_e4m3_stochastic,
-)
+from companion.kernels.float_codes import load_tile_fp32, tile_random_bits, to_e4m3, to_e4m3_stochastic
 
 INPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 TILES = ((1, 128), (128, 128))
@@ -96,13 +93,7 @@ def _fp8_blockwise_kernel(
     else:
         den = s[None, :, None]
         tl.store(scales_ptr + pid_m * n_scale_cols + blocks, s, mask=blocks < n_scale_cols)
-    x = tl.reshape(x, (BLOCK_M, NB, 128))
-    outside = (s < DIVIDE_SCALE_MIN) | (s > DIVIDE_SCALE_MAX)
-    if tl.max(tl.reshape(outside, (outside.numel,)).to(tl.int32), axis=0) == 0:
-        y = divide_by_scale(x, den, True)
-    else:  # a block too small or too large for the reciprocal: divide element by element
-        y = tl.math.div_rn(x, den)
-    y = tl.reshape(y, (BLOCK_M, BLOCK_K))
+    y = tl.reshape(tl.math.div_rn(tl.reshape(x, (BLOCK_M, NB, 128)), den), (BLOCK_M, BLOCK_K))
     c_offsets = rows[:, None].to(tl.int64) * K + cols[None, :]
     if STOCHASTIC:
         # Random bits keyed by each element's position: the same seed gives the same bits.

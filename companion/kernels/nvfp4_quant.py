@@ -94,7 +94,7 @@ def _nvfp4_kernel(
     live = scale > 0
     den = tl.where(live, scale, 1.0)[:, :, None]
     if (s_t * 2.0 ** -9 >= DIVIDE_SCALE_MIN) & (s_t * 448.0 <= DIVIDE_SCALE_MAX):  # every block's scale
-        v = divide_by_scale(x3, den, False)  # Inf/NaN blocks are masked below
+        v = divide_by_scale(x3, den)  # Inf/NaN blocks are masked below
     else:
         v = tl.math.div_rn(x3, den)
     if STOCHASTIC:
