@@ -19,7 +19,8 @@ definition of the power-of-two variant, which ``companion.scaling`` does not hav
 round to nearest, not up). Divisions use ``tl.math.div_rn``: Triton's ``/`` on float32 may compile
 to an approximate division. (The NVFP4 kernel divides with one reciprocal per block and a correction
 per element, :func:`companion.kernels.float_codes.divide_by_scale`; here that needs a maximum over
-the program's blocks to decide whether every scale suits it, and on an H200 the kernel was slower so.)
+the program's blocks to decide whether every scale suits it, and on an H200 the kernel was slower so:
+0.80 of the copy rate against 0.84 for 8192 x 8192 bf16 with 1 x 128 blocks.)
 """
 from __future__ import annotations
 
