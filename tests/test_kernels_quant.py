@@ -270,12 +270,13 @@ def _divide_kernel(x_ptr, den_ptr, out_ptr, BLOCK: tl.constexpr):
     tl.store(out_ptr + offsets, float_codes.divide_by_scale(tl.load(x_ptr + offsets), den))
 
 
-def test_nvfp4_division_is_correctly_rounded():
-    # The quantize kernel divides by a block's scale with one reciprocal per block and a Markstein
-    # correction per element; it must equal IEEE division bit for bit for quotients in the normal range,
-    # on random significands and on the awkward ones: divisors just above 1 and just below 2 (their
-    # reciprocals round the most), dividends just below a power of two, and NVFP4's own scales (an E4M3
-    # value times amax / 2688) with bf16 dividends.
+def test_division_by_a_block_scale_is_correctly_rounded():
+    # The NVFP4 and FP8 kernels divide by a block's scale with one reciprocal per block and a Markstein
+    # correction per element; it must equal IEEE division bit for bit for every quotient that decides a
+    # code (2^-11 up to 2^98), on random significands and on the awkward ones: divisors just above 1 and
+    # just below 2 (their reciprocals round the most), dividends just below a power of two, NVFP4's own
+    # scales (an E4M3 value times amax / 2688) with bf16 dividends, and divisors from the smallest
+    # subnormal to the largest float32.
     g = torch.Generator().manual_seed(21)
     n = 1 << 12  # blocks of 16
 
@@ -296,23 +297,35 @@ def test_nvfp4_division_is_correctly_rounded():
     e4m3 = (torch.rand(n, generator=g) * 448).to(torch.float8_e4m3fn).float().clamp(min=2.0 ** -9)
     nv_den = e4m3 * (torch.rand(n, generator=g) * 8).bfloat16().float().clamp(min=0.01) / 2688
     nv_x = torch.randn(n, 16, generator=g).bfloat16().float() * 4
-    # The ends of the scale range, with quotients from 2^-11 up; then special and tiny dividends.
-    ends = torch.tensor([2.0 ** -90, 2.0 ** 90] * 32)[:, None]
-    end_x = significands((64, 16)) * torch.exp2(torch.randint(-11, 9, (64, 16), generator=g).double()) * ends
+    # Divisors over the whole float32 range, subnormals and the binades at both ends included, with
+    # quotients from 2^-11 up (dividends kept finite); then special and tiny dividends.
+    ends = torch.cat([torch.tensor([2.0 ** -149, 3 * 2.0 ** -149, 2.0 ** -127, 1.9 * 2.0 ** -127, 2.0 ** -126,
+                                    1.5 * 2.0 ** 126, 2.0 ** 127, 1.99 * 2.0 ** 127, 3.4e38, 2.0 ** -90, 2.0 ** 90]),
+                      torch.exp2(torch.randint(-149, 128, (53,), generator=g).double()) * significands(53)])[:, None]
+    end_x = (significands((64, 16)) * torch.exp2(torch.randint(-11, 9, (64, 16), generator=g).double()) * ends
+             ).clamp(max=3.4e38)
     special = torch.tensor([0.0, -0.0, 0.0, -0.0, 1e-38, 1e-45, -1e-40, 3e-39, -2.0 ** -100, 2.0 ** -90,
-                            1.0, -448.0, 7.5e-37, -1e-30, 1e-20, -3.0])  # finite: callers mask NaN and Inf
-    spec_den = torch.exp2(torch.arange(-90, 91, 180 / 63).double())[:64, None]
-    x = torch.cat([x, end_x, special.double().repeat(64, 1)]).float()
-    den = torch.cat([den, ends, spec_den]).float()
+                            1.0, -448.0, 7.5e-37, -1e-30, 3.4e38, -3.0])
+    spec_den = torch.exp2(torch.linspace(-149, 127, 64).round().double())[:, None]
+    nonfinite = torch.tensor([float("nan"), float("inf"), -float("inf"), 1.0] * 4)
+    x = torch.cat([x, end_x, special.double().repeat(64, 1), nonfinite.double().repeat(64, 1)]).float()
+    den = torch.cat([den, ends, spec_den, spec_den]).float()
     x, den = torch.cat([x, nv_x]), torch.cat([den, nv_den[:, None]])
+    assert (den > 0).all() and torch.isfinite(den).all() and (den < 2.0 ** -126).sum() >= 8
     out = torch.empty_like(x, device=DEVICE)
-    _divide_kernel[(x.shape[0] // 64,)](x.to(DEVICE), den.reshape(-1).contiguous().to(DEVICE), out, BLOCK=64)
+    with np.errstate(over="ignore"):  # the interpreter's |x| * p overflows before the clamp, as it may
+        _divide_kernel[(x.shape[0] // 64,)](x.to(DEVICE), den.reshape(-1).contiguous().to(DEVICE), out, BLOCK=64)
     got, want = out.cpu(), x / den
-    large = want.abs() >= 2.0 ** -11
-    assert_same_values(got[large], want[large])
-    small = ~large
+    magnitude = want.abs()
+    exact = (magnitude >= 2.0 ** -11) & (magnitude < 2.0 ** 98)
+    assert_same_values(got[exact], want[exact])
+    small, huge, nan = magnitude < 2.0 ** -11, magnitude >= 2.0 ** 98, torch.isnan(want)
     assert torch.equal(torch.signbit(got[small]), torch.signbit(want[small])) and (got[small].abs() < 2.0 ** -11).all()
+    assert torch.equal(torch.signbit(got[huge]), torch.signbit(want[huge])) and (got[huge].abs() >= 2.0 ** 98).all()
+    assert torch.isnan(got[nan]).all() and (exact | small | huge | nan).all()
     assert small.sum() > 64 and (want == 0).sum() >= 256 and torch.signbit(want[want == 0]).sum() >= 128
+    assert torch.isinf(want).sum() >= 64 and nan.sum() >= 64
+    assert exact[3 * n:3 * n + 64].float().mean() > 0.8  # most quotients at the ends of the range are ones to match
 
 
 def test_nvfp4_float32_and_float64_definitions_differ_only_next_to_a_tie():

@@ -134,31 +134,43 @@ def to_e2m1_stochastic(y, rand):
     return round_to_code(y, rand, 4, 1, 1, 2.0, 0x7, -1, True)
 
 
-# Dividing by a block scale without a division per element (see divide_by_scale): the scale range over
-# which its remainder and the quotients that matter stay clear of overflow and underflow.
-DIVIDE_SCALE_MIN, DIVIDE_SCALE_MAX = tl.constexpr(2.0 ** -90), tl.constexpr(2.0 ** 90)
+# divide_by_scale clamps x * 2^-E (den's binade brought to [1, 2)) to +-this, so that no step overflows.
+DIVIDE_CLAMP = tl.constexpr(2.0 ** 100)
 
 
 @triton.jit
 def divide_by_scale(
-    x,  # float32 values, finite (callers mask the blocks that hold NaN or Inf)
-    den,  # float32 scales in [DIVIDE_SCALE_MIN, DIVIDE_SCALE_MAX], broadcast against x (one per block)
+    x,  # float32 values, any (NaN, Inf, subnormals)
+    den,  # positive finite float32 scales (subnormal too), one per block, broadcast against x
 ):
-    """x / den rounded once to nearest-even, bit for bit what IEEE division (``tl.math.div_rn``) gives
-    wherever the quotient's magnitude is 2^-11 or more, and the same sign and a magnitude below 2^-11
-    where it is smaller. One IEEE reciprocal per scale, then a product, two FMAs and a sign per element.
+    """x / den rounded once to nearest-even without a division per element: bit for bit what IEEE
+    division (``tl.math.div_rn``) gives wherever the quotient's magnitude lies in [2^-11, 2^98); below
+    that the same sign and a magnitude below 2^-11, above it (and for x = +-Inf) the same sign and a
+    magnitude of 2^98 or more; NaN for NaN. So any rounding to a narrow format that saturates gets the
+    same code as from the IEEE quotient. Per block: a power of two ``p = 2^-E`` that brings ``den`` to
+    ``d = den * p`` in [1, 2) (exact; clamped so that p stays a normal number, which leaves d in
+    [2^-23, 4) at the ends of the range) and one IEEE reciprocal ``r = RN(1 / d)``. Per element: two
+    products, a clamp and two FMAs, no branch.
 
-    With r = RN(1/den) and y = RN(x * r), y is within an ulp of x / den, so the remainder x - den * y is
-    a float32 number, which one FMA gives exactly; RN(y + remainder * r), one more FMA, is then the
-    correctly rounded quotient (Markstein's correction step). The range of den keeps r, and the
-    remainder of any quotient of 2^-11 or more, clear of overflow and underflow. The sign is put back
-    from x as a bit (den > 0): the sign of an exact zero from the FMAs depends on how the compiler
-    arranges their negations, and compiled and interpreted code arrange them differently."""
-    r = tl.math.div_rn(1.0, den)
-    y = x * r
-    q = tl.fma(tl.fma(-y, den, x), r, y)
-    return ((q.to(tl.int32, bitcast=True) & 0x7FFFFFFF) | (x.to(tl.int32, bitcast=True) & -0x80000000)
-            ).to(tl.float32, bitcast=True)
+    ``a = clamp(x * p, +-2^100)`` is exact wherever it matters (x * p rounds only where it falls below
+    2^-126, and then the quotient is below 2^-103), and ``a / d = x / den``. With ``y = RN(a * r)``,
+    y is within an ulp of a / d, so the remainder ``a - d * y`` is a float32 number, which one FMA gives
+    exactly; ``RN(y + remainder * r)``, one more FMA, is then the correctly rounded quotient
+    (Markstein's correction step). The bound on d keeps r, the remainder and the products clear of
+    overflow and underflow for every quotient of 2^-11 or more; the clamp turns Inf (whose remainder
+    would be NaN) and products that would overflow into a large finite quotient. Signs: a nonzero x
+    gives a quotient of its sign (a sum that rounds to zero keeps the sign of its exact value), and
+    x = -0 gives y = -0, then ``d * y - a = -0 + 0 = +0``, negated -0, and ``-0 * r + y = -0``: the
+    remainder is computed negated and negated back so that the zero keeps the sign (``a - d * y``
+    would give +0, and so would the quotient)."""
+    exponent = tl.minimum(tl.maximum((den.to(tl.int32, bitcast=True) >> 23) & 0xFF, 1), 253)
+    p = ((254 - exponent) << 23).to(tl.float32, bitcast=True)  # 2^(127 - exponent)
+    d = den * p
+    r = tl.math.div_rn(1.0, d)
+    a = tl.maximum(tl.minimum(x * p, DIVIDE_CLAMP, propagate_nan=tl.PropagateNan.ALL), -DIVIDE_CLAMP,
+                   propagate_nan=tl.PropagateNan.ALL)
+    y = a * r
+    return tl.fma(-tl.fma(y, d, -a), r, y)  # -(d * y - a): the remainder, with -0's sign kept (see above)
 
 
 @triton.jit

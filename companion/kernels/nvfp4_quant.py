@@ -18,10 +18,9 @@ rounding error of the float32 scale (here) or of the float64 one (companion.mx) 
 and the codes differ by one step (about 1 in 10^4 codes on random bf16 data; tested).
 
 The kernel divides each element by its block's scale without a division per element: one IEEE
-reciprocal per block, then a product and two FMAs per element
-(:func:`companion.kernels.float_codes.divide_by_scale`), which give the IEEE quotient bit for bit where
-it matters, as long as every possible block scale lies between 2^-90 and 2^90; beyond that the kernel
-divides as IEEE does, element by element.
+reciprocal per block, then two products, a clamp and two FMAs per element
+(:func:`companion.kernels.float_codes.divide_by_scale`), which give the IEEE quotient bit for bit
+wherever it decides the code.
 """
 from __future__ import annotations
 
@@ -33,7 +32,7 @@ import triton.language as tl
 from companion import runtime
 from companion.formats import get_format
 from companion.kernels.float_codes import (
-    DIVIDE_SCALE_MAX, DIVIDE_SCALE_MIN, divide_by_scale, from_e4m3, load_tile_fp32, tile_random_bits, to_e2m1,
+    divide_by_scale, from_e4m3, load_tile_fp32, tile_random_bits, to_e2m1,
     to_e2m1_stochastic, to_e4m3,
 )
 from companion.kernels.fp8_blockwise import check_rounding
@@ -93,10 +92,7 @@ def _nvfp4_kernel(
     scale = s_block * s_t
     live = scale > 0
     den = tl.where(live, scale, 1.0)[:, :, None]
-    if (s_t * 2.0 ** -9 >= DIVIDE_SCALE_MIN) & (s_t * 448.0 <= DIVIDE_SCALE_MAX):  # every block's scale
-        v = divide_by_scale(x3, den)  # Inf/NaN blocks are masked below
-    else:
-        v = tl.math.div_rn(x3, den)
+    v = divide_by_scale(x3, den)  # Inf/NaN blocks are masked below
     if STOCHASTIC:
         rand = tl.reshape(tile_random_bits(seed, offset, rows, tl.program_id(1) * BLOCK_K, K, BLOCK_M, BLOCK_K),
                           (BLOCK_M, NB, 16))
