@@ -271,7 +271,7 @@ def _divide_kernel(x_ptr, den_ptr, out_ptr, BLOCK: tl.constexpr):
 
 
 def test_division_by_a_block_scale_is_correctly_rounded():
-    # The NVFP4 and FP8 kernels divide by a block's scale with one reciprocal per block and a Markstein
+    # The NVFP4 kernel divides by a block's scale with one reciprocal per block and a Markstein
     # correction per element; it must equal IEEE division bit for bit for every quotient that decides a
     # code (2^-11 up to 2^98), on random significands and on the awkward ones: divisors just above 1 and
     # just below 2 (their reciprocals round the most), dividends just below a power of two, NVFP4's own

@@ -150,7 +150,7 @@ def divide_by_scale(
     same code as from the IEEE quotient. Per block: a power of two ``p = 2^-E`` that brings ``den`` to
     ``d = den * p`` in [1, 2) (exact; clamped so that p stays a normal number, which leaves d in
     [2^-23, 4) at the ends of the range) and one IEEE reciprocal ``r = RN(1 / d)``. Per element: two
-    products, a clamp and two FMAs, no branch.
+    products, a clamp, two FMAs and a sign, no branch.
 
     ``a = clamp(x * p, +-2^100)`` is exact wherever it matters (x * p rounds only where it falls below
     2^-126, and then the quotient is below 2^-103), and ``a / d = x / den``. With ``y = RN(a * r)``,
@@ -158,11 +158,10 @@ def divide_by_scale(
     exactly; ``RN(y + remainder * r)``, one more FMA, is then the correctly rounded quotient
     (Markstein's correction step). The bound on d keeps r, the remainder and the products clear of
     overflow and underflow for every quotient of 2^-11 or more; the clamp turns Inf (whose remainder
-    would be NaN) and products that would overflow into a large finite quotient. Signs: a nonzero x
-    gives a quotient of its sign (a sum that rounds to zero keeps the sign of its exact value), and
-    x = -0 gives y = -0, then ``d * y - a = -0 + 0 = +0``, negated -0, and ``-0 * r + y = -0``: the
-    remainder is computed negated and negated back so that the zero keeps the sign (``a - d * y``
-    would give +0, and so would the quotient)."""
+    would be NaN) and products that would overflow into a large finite quotient. The sign is put back
+    from a as a bit: for x = -0 the FMAs give a zero whose sign depends on how the compiler arranges
+    their negations (compiled for the GPU, +0 even when the remainder is written as a negated
+    negation), and a bit operation leaves the compiler nothing to rearrange."""
     exponent = tl.minimum(tl.maximum((den.to(tl.int32, bitcast=True) >> 23) & 0xFF, 1), 253)
     p = ((254 - exponent) << 23).to(tl.float32, bitcast=True)  # 2^(127 - exponent)
     d = den * p
@@ -170,7 +169,9 @@ def divide_by_scale(
     a = tl.maximum(tl.minimum(x * p, DIVIDE_CLAMP, propagate_nan=tl.PropagateNan.ALL), -DIVIDE_CLAMP,
                    propagate_nan=tl.PropagateNan.ALL)
     y = a * r
-    return tl.fma(-tl.fma(y, d, -a), r, y)  # -(d * y - a): the remainder, with -0's sign kept (see above)
+    q = tl.fma(tl.fma(-y, d, a), r, y)
+    return ((q.to(tl.int32, bitcast=True) & 0x7FFFFFFF) | (a.to(tl.int32, bitcast=True) & -0x80000000)
+            ).to(tl.float32, bitcast=True)
 
 
 @triton.jit

@@ -57,7 +57,10 @@ SCALE_ROUNDINGS = ("floor", "rceil")
 # measured in the same run). Row blocks: wide rows; MXFP8 8 x 512 0.86 (16 x 256 0.83, 4 x 1024 0.54),
 # MXFP4 4 x 1024 0.59 (8 x 512 0.57, 16 x 256 0.50-0.58). Both directions: 32 x 128 with two warps
 # 0.74 (four warps 0.59, 32 x 64 with two 0.68, 32 x 32 with one 0.54, 64 x 64 with two 0.63), as the
-# column maxima cross fewer warps. Repeated runs differ by a few percent.
+# column maxima cross fewer warps. Repeated runs differ by a few percent. MXFP4 from bf16 pairs
+# (2026-12-05): 4 x 1024 0.85, the same within 0.02 for 8 x 512, 2 x 2048, 8 x 1024 (8 warps),
+# 2 x 1024 (2 warps), 16 x 512 (8 warps) and 8 x 256 (2 warps); at 4096 x 4096, 0.54-0.60 for all but
+# 8 x 512 and 8 x 256 (0.26 and 0.21).
 ROWS_CONFIG = {"fp8": (8, 512, 4), "fp4": (4, 1024, 4), "fp4_bf16": (4, 1024, 4)}
 ROWS_AND_COLUMNS_CONFIG = (32, 128, 2)
 
