@@ -26,11 +26,12 @@ DEVICE = runtime.kernel_device()
 TENSOR_CORE_FP8_U = 2.0 ** -13 if runtime.MODE == "compiled" else 2.0 ** -24
 # (M, N, K): 1 x 1, tails in every dimension (K not a multiple of 128 or 32), tall and skinny.
 FP8_SHAPES = [(1, 1, 16), (16, 16, 128), (17, 33, 300), (5, 130, 144), (48, 16, 272)]
+# M = 17 and 40 run the MMA GEMV on slices of 16 rows, M = 70 the tile kernels for large M.
 FP4_SHAPES = [(1, 16, 64), (1, 37, 224), (1, 8, 48), (3, 40, 100), (17, 33, 96), (16, 1, 32), (2, 5, 16),
-              (8, 20, 200)]
+              (8, 20, 200), (40, 12, 64), (70, 9, 64)]
 GPU_FP8_SHAPES = [(256, 384, 1024), (1000, 777, 1040), (4096, 512, 4096)]
 GPU_FP4_SHAPES = [(1, 8192, 8192), (1, 1000, 4128), (12, 777, 4128), (16, 4096, 4096), (7, 1000, 1000),
-                  (300, 512, 2048)]
+                  (40, 1000, 4128), (64, 2048, 2048), (300, 512, 2048)]
 
 
 def assert_within(got, exact, bound):
@@ -223,24 +224,25 @@ def test_mxfp4_dot_scaled_within_bound(M, N, K):
     assert_within(c, matmul_reference(A, B), gemm_error_bound(A, B, torch.float32))
 
 
-@pytest.mark.parametrize("rows", [1, 9, 16, 32], ids=["one", "nine", "sixteen", "large_m"])
+@pytest.mark.parametrize("rows", [1, 9, 16, 40, 70], ids=["one", "nine", "sixteen", "slices", "large_m"])
 def test_fp4_decoding_covers_every_code(rows):
     """Each of the 16 E2M1 codes, with scales from tiny to large (a float32 subnormal 2^-127 result
     included): the W4A16 paths (M <= 16 the MMA kernel, with one or two tiles of 8 activation rows, its
-    MMAs emulated under the interpreter; and M > 16) decode them exactly."""
+    MMAs emulated under the interpreter; up to GEMV_MAX_M the same on slices of 16 rows; and beyond,
+    the tile kernels) decode them exactly."""
     from companion.mx import pack_fp4
 
     codes = torch.arange(16, dtype=torch.uint8).repeat(4, 2)  # (4, 32): every code twice per row
     packed = pack_fp4(codes).to(DEVICE)
     mx_scales = torch.tensor([[1], [127], [140], [100]], dtype=torch.uint8).to(DEVICE)  # 2^-126 .. 2^13
     nv_scales = torch.tensor([[0x38, 0x01], [0x7E, 0x30], [0x08, 0x44], [0x00, 0x3F]], dtype=torch.uint8).to(DEVICE)
-    eye = torch.eye(32, dtype=torch.bfloat16, device=DEVICE)[:rows]
+    eye = torch.eye(32, dtype=torch.bfloat16, device=DEVICE).repeat(3, 1)[:rows]  # row i picks column i % 32
     got = w4a16_matmul(eye, packed, mx_scales, out_dtype=torch.float32).t().cpu().double().numpy()
-    np.testing.assert_array_equal(got, dequantize_fp4_reference(packed, mx_scales)[:, :rows])
+    np.testing.assert_array_equal(got, np.tile(dequantize_fp4_reference(packed, mx_scales), 3)[:, :rows])
     ts = torch.tensor(1.0, device=DEVICE)
     got = w4a16_matmul(eye, packed, nv_scales, format="nvfp4", tensor_scale=ts, out_dtype=torch.float32)
-    np.testing.assert_array_equal(got.t().cpu().double().numpy(),
-                                  dequantize_fp4_reference(packed, nv_scales, format="nvfp4", tensor_scale=ts)[:, :rows])
+    np.testing.assert_array_equal(got.t().cpu().double().numpy(), np.tile(
+        dequantize_fp4_reference(packed, nv_scales, format="nvfp4", tensor_scale=ts), 3)[:, :rows])
 
 
 @pytest.mark.parametrize("rows", [1, 9], ids=["one", "nine"])
@@ -264,11 +266,12 @@ def test_fp4_fast_decode_scale_range(rows):
         np.testing.assert_array_equal(got.t().cpu().double().numpy(), want)
 
 
-@pytest.mark.parametrize("rows", [1, 9, 32], ids=["one", "nine", "large_m"])
+@pytest.mark.parametrize("rows", [1, 9, 40, 70], ids=["one", "nine", "slices", "large_m"])
 def test_int4_decoding_covers_every_code(rows):
     """Each of the 16 INT4 codes (-8..7) with bf16 group scales from tiny to large, full significands
     among them: each group's FP32 sum times its scale is exact here (one nonzero product), so the
-    GEMV (one and two tiles of activation rows) and the tile kernel give q * s exactly."""
+    GEMV (one and two tiles of activation rows, and slices of 16 rows) and the tile kernel give q * s
+    exactly."""
     from companion.mx import pack_fp4
 
     codes = torch.arange(16, dtype=torch.uint8).repeat(4, 16)  # (4, 256): two groups of 128 per row

@@ -57,7 +57,7 @@ def _decode(median_ms, copy_bytes_per_s):
     import torch
 
     from companion.kernels import quantize_mx_rows, quantize_nvfp4_kernel
-    from companion.kernels.fp4_gemm import DECODE_CONFIG, quantize_int4_weights, w4a16_matmul
+    from companion.kernels.fp4_gemm import DECODE_CONFIG, GEMV_MAX_M, quantize_int4_weights, w4a16_matmul
 
     N, K = DECODE_N, DECODE_K
     # COPIES different weight matrices, used in turn: when a call comes round to a matrix again, more
@@ -90,6 +90,11 @@ def _decode(median_ms, copy_bytes_per_s):
             calls["mxfp4_two_row_tiles"] = [lambda q=q: w4a16_matmul(x, *q, _gemv_config=(8, 1, 2)) for q in mx]
             calls["int4_two_row_tiles"] = [lambda q=q: w4a16_matmul(x, *q, format="int4", _gemv_config=(8, 1, 2))
                                            for q in i4]
+        elif M <= GEMV_MAX_M:
+            # the tile kernels that the GEMV run on slices of 16 rows replaces here (autotuned large-M tiles)
+            calls["mxfp4_tile_kernel"] = [lambda q=q: w4a16_matmul(x, *q, _config=DECODE_CONFIG["mxfp4"]) for q in mx]
+            calls["nvfp4_tile_kernel"] = [lambda q=q: w4a16_matmul(x, q[0], q[1], format="nvfp4", tensor_scale=q[2],
+                                                                   _config=DECODE_CONFIG["nvfp4"]) for q in nv]
         # Replayed as a CUDA graph, as decode loops run in serving: GPU time without the host's launch
         # gaps. Launched one by one from Python (do_bench, L2 flushed before each call), a call of two
         # kernels (split K) can leave the GPU idle between them, and the idle time is timed too.

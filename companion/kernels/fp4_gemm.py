@@ -23,7 +23,8 @@ Two ways to reach the Tensor Cores:
   multiplied by the group's scale and added, once per group.
 
 For decoding (M <= 16) on the GPU, every format runs :mod:`companion.kernels.fp4_gemv` instead, which
-decodes each weight in the registers that the Tensor Core's warp-level MMA reads.
+decodes each weight in the registers that the Tensor Core's warp-level MMA reads; up to GEMV_MAX_M rows
+it runs once per slice of 16 rows.
 
 Decoding is exact (every E2M1 x scale product is a bf16 number for scales between 2^-126 and 2^125;
 INT4 codes are decoded without their scale, which multiplies an FP32 sum),
@@ -292,6 +293,18 @@ _int4_w4a16_tuned = _tuned(_int4_w4a16_kernel)
 DECODE_CONFIG = {"mxfp4": (64, 256, 4, 4, 3), "nvfp4": (32, 256, 8, 4, 3)}
 
 
+# Up to this many activation rows, W4A16 runs the MMA GEMV on slices of 16 rows, one launch each: the
+# weights are read once per slice (36 MB for N = K = 8192, within the H200's 50 MB L2, so mostly from L2
+# after the first), against tile kernels whose large-M tiles leave most SMs idle at such M.
+GEMV_MAX_M = 64
+
+
+def _gemv_slices(x, codes, scales, tensor_scale, out, fmt, config):
+    for i in range(0, x.shape[0], 16):
+        _gemv_mma(x[i:i + 16], codes, scales, tensor_scale, out[i:i + 16], fmt, config)
+    return out
+
+
 def _launch(kernel, tuned, args, M, N, K, device, out, fmt, config=None, **meta):
     if runtime.INTERPRET:  # tiny tiles, and K split in two so that CI runs the split path as well
         bk = INT4_GROUP if fmt == "int4" else 64
@@ -364,15 +377,15 @@ def w4a16_matmul(x: torch.Tensor, w_codes: torch.Tensor, w_scales: torch.Tensor,
         raise ValueError(f"tensor_scale belongs to NVFP4; {format} has only block scales")
     if format == "int4":
         s = _scales(w_scales, "w_scales", (torch.bfloat16,), (N, Kp // INT4_GROUP)).view(torch.int16)
-        if M <= 16:
-            return _gemv_mma(x, codes, s, None, c, format, _gemv_config)
+        if M <= GEMV_MAX_M and _config is None:
+            return _gemv_slices(x, codes, s, None, c, format, _gemv_config)
         args = (x, codes, s, s, M, N, Kp, x.shape[1], *x.stride(), *codes.stride(), *s.stride(), *c.stride())
         return _launch(_int4_w4a16_kernel, _int4_w4a16_tuned, args, M, N, Kp, x.device, c, format,
                        UPCAST_DOT=runtime.INTERPRET)
     if format == "mxfp4":
         s = _scales(w_scales, "w_scales", (torch.float8_e8m0fnu, torch.uint8), (N, Kp // MX_BLOCK))
-        if M <= 16 and _config is None:
-            return _gemv_mma(x, codes, s, None, c, format, _gemv_config)
+        if M <= GEMV_MAX_M and _config is None:
+            return _gemv_slices(x, codes, s, None, c, format, _gemv_config)
         args = (x, x, codes, s, M, N, Kp, x.shape[1], *x.stride(), 0, 0, *codes.stride(), *s.stride(), *c.stride())
         return _launch(_dot_scaled_kernel, _dot_scaled_tuned, args, M, N, Kp, x.device, c, format, _config,
                        A_FP4=False)
@@ -380,8 +393,8 @@ def w4a16_matmul(x: torch.Tensor, w_codes: torch.Tensor, w_scales: torch.Tensor,
     runtime.check_tensor(tensor_scale, "tensor_scale", dtypes=(torch.float32,), contiguous=False)
     if tensor_scale.numel() != 1:
         raise ValueError(f"tensor_scale must hold one element, got shape {tuple(tensor_scale.shape)}")
-    if M <= 16 and Kp % 32 == 0 and _config is None:  # the MMA kernel reads chunks of 32 codes
-        return _gemv_mma(x, codes, s, tensor_scale, c, format, _gemv_config)
+    if M <= GEMV_MAX_M and Kp % 32 == 0 and _config is None:  # the MMA kernel reads chunks of 32 codes
+        return _gemv_slices(x, codes, s, tensor_scale, c, format, _gemv_config)
     args = (x, codes, s, tensor_scale, M, N, Kp, x.shape[1], *x.stride(), *codes.stride(), *s.stride(), *c.stride())
     if M <= 16:
         return _launch(_nvfp4_decode_kernel, None, args, M, N, Kp, x.device, c, format, _config,
