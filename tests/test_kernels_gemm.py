@@ -319,6 +319,22 @@ def test_fp4_gemm_bad_input():
     assert w4a16_matmul(x[:0], mx_codes, mx_scales).shape == (0, 16)
 
 
+@pytest.mark.parametrize("config", [(2, 1, 2), (4, 2, 2), (2, 1, 1)], ids=["two_tiles", "two_tiles_split", "one_tile"])
+@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4", "int4"])
+def test_w4a16_gemv_row_tiles(config, fmt):
+    """The GEMV with one or two tiles of 16 weight rows per program (each tile its own group of warps),
+    K split or not, for one and two tiles of activation rows, and N not a multiple of 32."""
+    for M in (3, 16):
+        codes, scales, ts, W = fp4_weights(40, 256, 16, fmt)
+        x = torch.randn(M, 256, generator=torch.Generator().manual_seed(17)).bfloat16()
+        c = w4a16_matmul(x.to(DEVICE), codes, scales, format=fmt, tensor_scale=ts, out_dtype=torch.float32,
+                         _gemv_config=config)
+        xd = x.double().numpy()
+        assert_within(c, matmul_reference(xd, W), gemm_error_bound(xd, W[:, :256], torch.float32))
+    with pytest.raises(ValueError, match="do not split"):
+        w4a16_matmul(x.to(DEVICE), codes, scales, format=fmt, tensor_scale=ts, _gemv_config=(3, 1, 2))
+
+
 # ------------------------------------------------------------------------------------ compiled only
 
 
@@ -334,22 +350,6 @@ def test_fp8_blockwise_gpu(M, N, K):
 @pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4", "int4"])
 def test_w4a16_gpu(M, N, K, fmt):
     check_w4a16(M, N, K, fmt, out_dtype=torch.bfloat16, seed=M)
-
-
-@pytest.mark.parametrize("config", [(2, 1, 2), (4, 2, 2), (2, 1, 1)], ids=["two_tiles", "two_tiles_split", "one_tile"])
-@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4", "int4"])
-def test_w4a16_gemv_row_tiles(config, fmt):
-    """The GEMV with one or two tiles of 16 weight rows per program (each tile its own group of warps),
-    K split or not, for one and two tiles of activation rows, and N not a multiple of 32."""
-    for M in (3, 16):
-        codes, scales, ts, W = fp4_weights(40, 256, 16, fmt)
-        x = torch.randn(M, 256, generator=torch.Generator().manual_seed(17)).bfloat16()
-        c = w4a16_matmul(x.to(DEVICE), codes, scales, format=fmt, tensor_scale=ts, out_dtype=torch.float32,
-                         _gemv_config=config)
-        xd = x.double().numpy()
-        assert_within(c, matmul_reference(xd, W), gemm_error_bound(xd, W[:, :256], torch.float32))
-    with pytest.raises(ValueError, match="do not split"):
-        w4a16_matmul(x.to(DEVICE), codes, scales, format=fmt, tensor_scale=ts, _gemv_config=(3, 1, 2))
 
 
 @pytest.mark.gpu
