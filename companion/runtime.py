@@ -124,3 +124,20 @@ def check_tensor(x, name: str, dtypes=None, *, contiguous: bool = True, ndim=Non
     if contiguous and not x.is_contiguous():
         raise ValueError(f"{name} must be contiguous (call .contiguous() first); got strides {x.stride()}")
 
+
+
+# Programs a persistent kernel starts under the interpreter: few, so that each walks several tiles and
+# the tests exercise the loop (the interpreter runs programs one after another, so the number costs
+# nothing there).
+INTERPRETER_PROGRAMS = 3
+
+
+def persistent_programs(n_tiles: int, per_sm: int) -> int:
+    """How many programs to start for a kernel whose programs walk ``n_tiles`` tiles in a strided loop
+    (program p takes tiles p, p + P, p + 2P, ...): ``per_sm`` per streaming multiprocessor, or one per
+    tile when ``per_sm`` is 0 (and never more programs than tiles)."""
+    if per_sm == 0:
+        return max(n_tiles, 1)
+    if MODE == "interpret":
+        return max(min(n_tiles, INTERPRETER_PROGRAMS), 1)
+    return max(min(n_tiles, per_sm * torch.cuda.get_device_properties().multi_processor_count), 1)

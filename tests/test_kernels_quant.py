@@ -197,6 +197,25 @@ def test_mx_rows_and_columns_at_once(elem, scale_rounding, shape):
     assert_same_values(deq, torch.from_numpy(cols.dequantize()).float().bfloat16())
 
 
+@pytest.mark.parametrize("walk", [(3, 2, False), (0, 1, True), (2, 3, True)])  # (per SM, stages, column-major)
+def test_tile_walk_does_not_change_the_bits(monkeypatch, walk):
+    # The launchers may start one program per tile or a few per SM that walk the tiles in a strided
+    # loop (tl.range, pipelined with stages >= 2), numbering the tiles along rows or down columns; every
+    # walk covers each tile once, so the bits are those of the reference.
+    from companion.kernels import fp8_blockwise
+    x = sample((300, 700), seed=77, dtype=torch.bfloat16)
+    monkeypatch.setattr(fp8_blockwise, "ROW_BLOCK_CONFIG", (2, 1024, 2) + walk)
+    monkeypatch.setattr(fp8_blockwise, "TILE_CONFIG", (128, 128, 16) + walk)
+    monkeypatch.setitem(mx_quant.ROWS_CONFIG, "fp8", (8, 512, 4) + walk)
+    monkeypatch.setattr(mx_quant, "ROWS_AND_COLUMNS_CONFIG", (32, 128, 2) + walk)
+    for tile in [(1, 128), (128, 128)]:
+        assert_same_bits(quantize_fp8_blockwise(x.to(DEVICE), tile), fp8_blockwise_reference(x, tile))
+    rows = mx.quantize_mx(x, "fp8_e4m3", axis=-1).to_torch()
+    assert_same_bits(quantize_mx_rows(x.to(DEVICE), "fp8_e4m3"), rows)
+    cols = mx.quantize_mx(x, "fp8_e4m3", axis=0).to_torch()
+    assert_same_bits(quantize_mx_rows_and_columns(x.to(DEVICE), "fp8_e4m3"), rows + cols)
+
+
 def test_mx_special_blocks():
     x = torch.ones(4, 64)
     x[0, 3], x[1, 40], x[2] = NAN, -INF, 0.0
@@ -263,14 +282,17 @@ def test_nvfp4_matches_reference(shape, dtype):
 
 
 @triton.jit
-def _divide_kernel(x_ptr, den_ptr, out_ptr, BLOCK: tl.constexpr):
+def _divide_kernel(x_ptr, den_ptr, out_ptr, BLOCK: tl.constexpr, PTX: tl.constexpr):
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     offsets = rows[:, None, None] * 16 + tl.arange(0, 16)[None, None, :]  # (BLOCK, 1, 16): one block each
     den = tl.load(den_ptr + rows)[:, None, None]
-    tl.store(out_ptr + offsets, float_codes.divide_by_scale(tl.load(x_ptr + offsets), den))
+    tl.store(out_ptr + offsets, float_codes.divide_by_scale(tl.load(x_ptr + offsets), den, PTX))
 
 
-def test_division_by_a_block_scale_is_correctly_rounded():
+# Compiled, both forms of the zero's sign run (the kernels use the PTX one); the interpreter runs only
+# the other, as PTX needs a GPU.
+@pytest.mark.parametrize("ptx", [False] + ([True] if not runtime.INTERPRET else []))
+def test_division_by_a_block_scale_is_correctly_rounded(ptx):
     # The NVFP4 kernel divides by a block's scale with one reciprocal per block and a Markstein
     # correction per element; it must equal IEEE division bit for bit for every quotient that decides a
     # code (2^-11 up to 2^98), on random significands and on the awkward ones: divisors just above 1 and
@@ -314,7 +336,7 @@ def test_division_by_a_block_scale_is_correctly_rounded():
     assert (den > 0).all() and torch.isfinite(den).all() and (den < 2.0 ** -126).sum() >= 8
     out = torch.empty_like(x, device=DEVICE)
     with np.errstate(over="ignore"):  # the interpreter's x * p overflows before the clamp, as it may
-        _divide_kernel[(x.shape[0] // 64,)](x.to(DEVICE), den.reshape(-1).contiguous().to(DEVICE), out, BLOCK=64)
+        _divide_kernel[(x.shape[0] // 64,)](x.to(DEVICE), den.reshape(-1).contiguous().to(DEVICE), out, BLOCK=64, PTX=ptx)
     got, want = out.cpu(), x / den
     magnitude = want.abs()
     exact = (magnitude >= 2.0 ** -11) & (magnitude < 2.0 ** 98)

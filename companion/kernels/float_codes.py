@@ -142,6 +142,7 @@ DIVIDE_CLAMP = tl.constexpr(2.0 ** 100)
 def divide_by_scale(
     x,  # float32 values, any (NaN, Inf, subnormals)
     den,  # positive finite float32 scales (subnormal too), one per block, broadcast against x
+    PTX: tl.constexpr = False,  # compiled for the GPU: the remainder's FMA rounds toward -Inf (see below)
 ):
     """x / den rounded once to nearest-even without a division per element: bit for bit what IEEE
     division (``tl.math.div_rn``) gives wherever the quotient's magnitude lies in [2^-11, 2^98); below
@@ -150,7 +151,7 @@ def divide_by_scale(
     same code as from the IEEE quotient. Per block: a power of two ``p = 2^-E`` that brings ``den`` to
     ``d = den * p`` in [1, 2) (exact; clamped so that p stays a normal number, which leaves d in
     [2^-23, 4) at the ends of the range) and one IEEE reciprocal ``r = RN(1 / d)``. Per element: two
-    products, a clamp, two FMAs and a sign, no branch.
+    products, a clamp and two FMAs, no branch.
 
     ``a = clamp(x * p, +-2^100)`` is exact wherever it matters (x * p rounds only where it falls below
     2^-126, and then the quotient is below 2^-103), and ``a / d = x / den``. With ``y = RN(a * r)``,
@@ -158,10 +159,14 @@ def divide_by_scale(
     exactly; ``RN(y + remainder * r)``, one more FMA, is then the correctly rounded quotient
     (Markstein's correction step). The bound on d keeps r, the remainder and the products clear of
     overflow and underflow for every quotient of 2^-11 or more; the clamp turns Inf (whose remainder
-    would be NaN) and products that would overflow into a large finite quotient. The sign is put back
-    from a as a bit: for x = -0 the FMAs give a zero whose sign depends on how the compiler arranges
-    their negations (compiled for the GPU, +0 even when the remainder is written as a negated
-    negation), and a bit operation leaves the compiler nothing to rearrange."""
+    would be NaN) and products that would overflow into a large finite quotient.
+
+    The sign of a zero quotient needs care: for x = -0 the FMAs, rounding to nearest, give a zero whose
+    sign depends on how the compiler arranges their negations (compiled for the GPU, +0). Compiled
+    (``PTX``), the remainder's FMA rounds toward -Inf (``fma.rm``): the remainder is exact, so only an
+    exact zero notices, and it becomes -0, after which ``y + (-0) = y`` keeps y's sign, the dividend's,
+    in both FMAs; inline PTX leaves the compiler nothing to rearrange. Under the interpreter, which
+    cannot run PTX, the sign is put back from a as a bit (the same result, one more value kept alive)."""
     exponent = tl.minimum(tl.maximum((den.to(tl.int32, bitcast=True) >> 23) & 0xFF, 1), 253)
     p = ((254 - exponent) << 23).to(tl.float32, bitcast=True)  # 2^(127 - exponent)
     d = den * p
@@ -169,6 +174,11 @@ def divide_by_scale(
     a = tl.maximum(tl.minimum(x * p, DIVIDE_CLAMP, propagate_nan=tl.PropagateNan.ALL), -DIVIDE_CLAMP,
                    propagate_nan=tl.PropagateNan.ALL)
     y = a * r
+    if PTX:
+        remainder = tl.inline_asm_elementwise("fma.rm.f32 $0, $1, $2, $3;", "=r,r,r,r",
+                                              [-y, tl.broadcast_to(d, y.shape), a], dtype=tl.float32,
+                                              is_pure=True, pack=1)
+        return tl.fma(remainder, tl.broadcast_to(r, y.shape), y)
     q = tl.fma(tl.fma(-y, d, a), r, y)
     return ((q.to(tl.int32, bitcast=True) & 0x7FFFFFFF) | (a.to(tl.int32, bitcast=True) & -0x80000000)
             ).to(tl.float32, bitcast=True)
@@ -256,6 +266,16 @@ def load_tile_fp32(x_ptr, rows, cols, M, K, stride_xm, stride_xk):
     mask = (rows[:, None] < M) & (cols[None, :] < K)
     offsets = rows[:, None].to(tl.int64) * stride_xm + cols[None, :].to(tl.int64) * stride_xk
     return to_fp32(tl.load(x_ptr + offsets, mask=mask, other=0.0))
+
+
+@triton.jit
+def tile_coordinates(tile, tiles_m, tiles_k, COLUMN_MAJOR: tl.constexpr):
+    """(row, column) of tile number ``tile`` in a grid of tiles_m x tiles_k tiles, numbered along rows
+    (neighbouring numbers share rows: their programs read one long stretch of memory together) or,
+    with COLUMN_MAJOR, down columns."""
+    if COLUMN_MAJOR:
+        return tile % tiles_m, tile // tiles_m
+    return tile // tiles_k, tile % tiles_k
 
 
 @triton.jit

@@ -20,14 +20,12 @@ round to nearest, not up). Divisions use ``tl.math.div_rn``: Triton's ``/`` on f
 an approximate division.
 
 The NVFP4 kernel divides with one reciprocal per block and a correction per element
-(:func:`companion.kernels.float_codes.divide_by_scale`). Here, on an H200 (8192 x 8192 bf16, one run),
-that division was as fast for 1 x 128 blocks (0.84 of the copy rate either way) and faster for
-128 x 128 tiles (0.77 against 0.71), in a form that kept 53 registers per thread but lost the sign of
--0 when compiled. Putting the sign back as a bit keeps a value alive to the end: 71 and 74 registers,
-which costs 128 x 128 tiles of 16 warps one of their two programs per SM (an earlier form at 79 and 94
-registers ran at 0.71 and 0.55). Rounding the remainder's FMA toward -Inf (``fma.rm``, whose exact
-zero is -0) keeps both the sign and 56 registers, but has not yet run on a GPU. Until such a form is
-measured, this kernel keeps ``div_rn``.
+(:func:`companion.kernels.float_codes.divide_by_scale`). This kernel keeps ``div_rn``: measured in one
+run on an H100 (8192 x 8192 bf16, fractions of the copy rate), that division in its compiled form
+(``fma.rm`` for the remainder, 56 and 59 registers) gave 0.89 against 0.88 for 1 x 128 blocks and
+0.70 against 0.83 for 128 x 128 tiles, with the same bits on every special value; the form that puts
+the sign back as a bit gave 0.89 and 0.69. An earlier run on an H200 had the reciprocal ahead for
+128 x 128 tiles (0.77 against 0.71) in a form that lost the sign of -0, so the gain is not robust.
 """
 from __future__ import annotations
 
@@ -38,7 +36,9 @@ import triton.language as tl
 
 from companion import runtime
 from companion.formats import get_format
-from companion.kernels.float_codes import load_tile_fp32, tile_random_bits, to_e4m3, to_e4m3_stochastic
+from companion.kernels.float_codes import (
+    load_tile_fp32, tile_coordinates, tile_random_bits, to_e4m3, to_e4m3_stochastic,
+)
 
 INPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 TILES = ((1, 128), (128, 128))
@@ -48,11 +48,11 @@ E4M3_MAX = 448.0
 # 32 x 128 3.29 (3.60), 16 x 256 3.36 (3.69), 8 x 512 3.43 (3.72), 4 x 1024 3.47 (3.71); 8 warps and
 # 2 x 2048 were slower. Copy of the same bytes: 3.81 (4.16). A later sweep with two warps, as fractions
 # of the 1 GiB copy rate in one run: 2 x 1024 0.84, 4 x 512 0.84, against 0.82 for 8 x 512 with four.
-ROW_BLOCK_CONFIG = (2, 1024, 2)
+ROW_BLOCK_CONFIG = (2, 1024, 2, 0, 1, False)
 # (128, BLOCK_K, num_warps) for 128 x 128 tiles: BLOCK_K / 128 tiles side by side per program. One tile
 # and 16 warps is best on an H200 (8192^2 bf16: 2.93 TB/s; 32 warps 1.97; two tiles with 16 or 32 warps
 # 2.17 and 2.29; four tiles 1.85).
-TILE_CONFIG = (128, 128, 16)
+TILE_CONFIG = (128, 128, 16, 0, 1, True)
 
 
 @triton.jit
@@ -69,9 +69,24 @@ def _fp8_blockwise_kernel(
     POW2: tl.constexpr,  # round each scale up to a power of two
     seed, offset,  # stochastic rounding: Philox seed, and an offset added to every Philox counter
     STOCHASTIC: tl.constexpr,  # round the codes stochastically instead of to nearest-even
+    STAGES: tl.constexpr,  # tiles in flight per program: 2 or more loads the next tile during this one's work
+    COLUMN_MAJOR: tl.constexpr,  # number the tiles down columns instead of along rows
 ):
-    pid_m = tl.program_id(0)
-    pid_k = tl.program_id(1)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_k = tl.cdiv(K, BLOCK_K)
+    # Program p quantizes tiles p, p + P, p + 2P, ... (P programs): one tile each when the launcher
+    # starts a program per tile, a strided walk when it starts a few per SM.
+    for tile in tl.range(tl.program_id(0), tiles_m * tiles_k, tl.num_programs(0), num_stages=STAGES):
+        pid_m, pid_k = tile_coordinates(tile, tiles_m, tiles_k, COLUMN_MAJOR)
+        _fp8_tile(x_ptr, codes_ptr, scales_ptr, M, K, stride_xm, stride_xk, n_scale_cols, pid_m, pid_k,
+                  TILE_ROWS, BLOCK_M, BLOCK_K, POW2, seed, offset, STOCHASTIC)
+
+
+@triton.jit
+def _fp8_tile(x_ptr, codes_ptr, scales_ptr, M, K, stride_xm, stride_xk, n_scale_cols, pid_m, pid_k,
+              TILE_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, POW2: tl.constexpr,
+              seed, offset, STOCHASTIC: tl.constexpr):
+    """Quantize the tile (pid_m, pid_k) of x: BLOCK_M rows from pid_m * BLOCK_M, BLOCK_K columns."""
     NB: tl.constexpr = BLOCK_K // 128  # scale blocks per row of the tile
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -148,14 +163,15 @@ def quantize_fp8_blockwise(x: torch.Tensor, tile=(1, 128), power_of_two_scales: 
     scales = torch.empty((triton.cdiv(M, rows), triton.cdiv(K, cols)), dtype=torch.float32, device=x.device)
     if x.numel() == 0:
         return codes.view(torch.float8_e4m3fn), scales
-    block_m, block_k, warps = ROW_BLOCK_CONFIG if rows == 1 else TILE_CONFIG
+    block_m, block_k, warps, per_sm, stages, column_major = ROW_BLOCK_CONFIG if rows == 1 else TILE_CONFIG
     if runtime.INTERPRET:  # small tiles (two blocks per row) where the tile allows: the multi-block path runs in CI
         block_m, block_k = (4, 256) if rows == 1 else (128, 256)
-    grid = (triton.cdiv(M, block_m), triton.cdiv(K, block_k))
-    _fp8_blockwise_kernel[grid](
+    n_tiles = triton.cdiv(M, block_m) * triton.cdiv(K, block_k)
+    _fp8_blockwise_kernel[(runtime.persistent_programs(n_tiles, per_sm),)](
         x, codes, scales, M, K, x.stride(0), x.stride(1), scales.shape[1],
         TILE_ROWS=rows, BLOCK_M=block_m, BLOCK_K=block_k, POW2=bool(power_of_two_scales),
-        seed=int(seed), offset=int(offset), STOCHASTIC=stochastic, num_warps=warps,
+        seed=int(seed), offset=int(offset), STOCHASTIC=stochastic, STAGES=stages,
+        COLUMN_MAJOR=column_major, num_warps=warps,
     )
     return codes.view(torch.float8_e4m3fn), scales
 

@@ -42,8 +42,8 @@ from companion import runtime
 from companion.kernels.bf16_pairs import max_halves, to_e2m1_pairs
 from companion.kernels.fp8_blockwise import check_rounding
 from companion.kernels.float_codes import (
-    load_tile_fp32, tile_random_bits, to_e2m1, to_e2m1_stochastic, to_e4m3, to_e4m3_stochastic, to_e5m2,
-    to_e5m2_stochastic,
+    load_tile_fp32, tile_coordinates, tile_random_bits, to_e2m1, to_e2m1_stochastic, to_e4m3,
+    to_e4m3_stochastic, to_e5m2, to_e5m2_stochastic,
 )
 
 INPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -61,8 +61,8 @@ SCALE_ROUNDINGS = ("floor", "rceil")
 # (2026-12-05): 4 x 1024 0.85, the same within 0.02 for 8 x 512, 2 x 2048, 8 x 1024 (8 warps),
 # 2 x 1024 (2 warps), 16 x 512 (8 warps) and 8 x 256 (2 warps); at 4096 x 4096, 0.54-0.60 for all but
 # 8 x 512 and 8 x 256 (0.26 and 0.21).
-ROWS_CONFIG = {"fp8": (8, 512, 4), "fp4": (4, 1024, 4), "fp4_bf16": (4, 1024, 4)}
-ROWS_AND_COLUMNS_CONFIG = (32, 128, 2)
+ROWS_CONFIG = {"fp8": (8, 512, 4, 0, 1, False), "fp4": (4, 1024, 4, 0, 1, False), "fp4_bf16": (4, 1024, 4)}
+ROWS_AND_COLUMNS_CONFIG = (32, 128, 2, 0, 1, False)
 
 
 @triton.jit
@@ -120,14 +120,32 @@ def _mx_kernel(
     BLOCK_M: tl.constexpr,  # rows per program (a multiple of 32 when COLS)
     BLOCK_K: tl.constexpr,  # columns per program (a multiple of 32)
     STOCHASTIC: tl.constexpr,  # round the codes stochastically instead of to nearest-even
+    STAGES: tl.constexpr,  # tiles in flight per program: 2 or more loads the next tile during this one's work
+    COLUMN_MAJOR: tl.constexpr,  # number the tiles down columns instead of along rows
 ):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_k = tl.cdiv(Kp, BLOCK_K)
+    # Program p quantizes tiles p, p + P, p + 2P, ... (P programs): see fp8_blockwise.
+    for tile in tl.range(tl.program_id(0), tiles_m * tiles_k, tl.num_programs(0), num_stages=STAGES):
+        pid_m, pid_k = tile_coordinates(tile, tiles_m, tiles_k, COLUMN_MAJOR)
+        _mx_tile(x_ptr, row_codes_ptr, row_scales_ptr, col_codes_ptr, col_scales_ptr, M, K, Mp, Kp,
+                 stride_xm, stride_xk, seed, offset, pid_m, pid_k, ELEM, EMAX, INV_MAX, RCEIL, ROWS, COLS,
+                 BLOCK_M, BLOCK_K, STOCHASTIC)
+
+
+@triton.jit
+def _mx_tile(x_ptr, row_codes_ptr, row_scales_ptr, col_codes_ptr, col_scales_ptr, M, K, Mp, Kp,
+             stride_xm, stride_xk, seed, offset, pid_m, pid_k, ELEM: tl.constexpr, EMAX: tl.constexpr,
+             INV_MAX: tl.constexpr, RCEIL: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr,
+             BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, STOCHASTIC: tl.constexpr):
+    """Quantize the tile (pid_m, pid_k) of x: BLOCK_M rows from pid_m * BLOCK_M, BLOCK_K columns."""
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     x = load_tile_fp32(x_ptr, rows, cols, M, K, stride_xm, stride_xk)  # (BLOCK_M, BLOCK_K)
     magnitude = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
     rand = 0
     if STOCHASTIC:  # one draw per element, shared by the two directions
-        rand = tile_random_bits(seed, offset, rows, tl.program_id(1) * BLOCK_K, K, BLOCK_M, BLOCK_K)
+        rand = tile_random_bits(seed, offset, rows, pid_k * BLOCK_K, K, BLOCK_M, BLOCK_K)
 
     if ROWS:
         NB: tl.constexpr = BLOCK_K // 32
@@ -137,14 +155,14 @@ def _mx_kernel(
         r = tl.reshape(rand, (BLOCK_M, NB, 32)) if STOCHASTIC else 0
         q = tl.where(special[:, :, None], 0, _mx_codes(y, r, ELEM, STOCHASTIC))
         q = tl.reshape(q, (BLOCK_M, BLOCK_K))
-        blocks = tl.program_id(1) * NB + tl.arange(0, NB)
+        blocks = pid_k * NB + tl.arange(0, NB)
         s_mask = (rows[:, None] < M) & (blocks[None, :] < Kp // 32)
         s_offsets = rows[:, None].to(tl.int64) * (Kp // 32) + blocks[None, :]
         tl.store(row_scales_ptr + s_offsets, code.to(tl.uint8), mask=s_mask)
         if ELEM == 2:
             low, high = tl.split(tl.reshape(q, (BLOCK_M, BLOCK_K // 2, 2)))
             packed = (low | (high << 4)).to(tl.uint8)
-            half = tl.program_id(1) * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
+            half = pid_k * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
             p_mask = (rows[:, None] < M) & (half[None, :] < Kp // 2)
             p_offsets = rows[:, None].to(tl.int64) * (Kp // 2) + half[None, :]
             tl.store(row_codes_ptr + p_offsets, packed, mask=p_mask)
@@ -161,7 +179,7 @@ def _mx_kernel(
         r = tl.reshape(rand, (MB, 32, BLOCK_K)) if STOCHASTIC else 0
         q = tl.where(special[:, None, :], 0, _mx_codes(y, r, ELEM, STOCHASTIC))
         q = tl.reshape(q, (BLOCK_M, BLOCK_K))
-        blocks = tl.program_id(0) * MB + tl.arange(0, MB)
+        blocks = pid_m * MB + tl.arange(0, MB)
         s_mask = (blocks[:, None] < Mp // 32) & (cols[None, :] < K)
         s_offsets = blocks[:, None].to(tl.int64) * K + cols[None, :]
         tl.store(col_scales_ptr + s_offsets, code.to(tl.uint8), mask=s_mask)
@@ -240,16 +258,17 @@ def _launch(x, elem, scale_rounding, rounding, seed, offset, rows, cols):
                 EMAX=emax, INV_MAX=inv_max, RCEIL=scale_rounding == "rceil", BLOCK_M=block_m, BLOCK_K=block_k,
                 num_warps=warps)
     elif x.numel():
-        block_m, block_k, warps = ROWS_AND_COLUMNS_CONFIG if cols else ROWS_CONFIG["fp4" if kind == 2 else "fp8"]
-        grid = (triton.cdiv(M, block_m), triton.cdiv(Kp, block_k))
+        block_m, block_k, warps, per_sm, stages, column_major = (
+            ROWS_AND_COLUMNS_CONFIG if cols else ROWS_CONFIG["fp4" if kind == 2 else "fp8"])
+        n_tiles = triton.cdiv(M, block_m) * triton.cdiv(Kp, block_k)
         dummy = row_codes if rows else col_codes
-        _mx_kernel[grid](
+        _mx_kernel[(runtime.persistent_programs(n_tiles, per_sm),)](
             x, row_codes if rows else dummy, row_scales if rows else dummy,
             col_codes if cols else dummy, col_scales if cols else dummy,
             M, K, Mp, Kp, x.stride(0), x.stride(1), int(seed), int(offset),
             ELEM=kind, EMAX=emax, INV_MAX=inv_max, RCEIL=scale_rounding == "rceil",
             ROWS=rows, COLS=cols, BLOCK_M=block_m, BLOCK_K=block_k, STOCHASTIC=rounding == "stochastic",
-            num_warps=warps,
+            STAGES=stages, COLUMN_MAJOR=column_major, num_warps=warps,
         )
     out = []
     if rows:

@@ -72,6 +72,7 @@ def _nvfp4_kernel(
     BLOCK_K: tl.constexpr,  # columns per program, a multiple of 16
     seed, offset,  # stochastic rounding: Philox seed, and an offset added to every Philox counter
     STOCHASTIC: tl.constexpr,  # round the element codes stochastically instead of to nearest-even
+    PTX: tl.constexpr,  # compiled for the GPU (the division's PTX form; False under the interpreter)
 ):
     amax_t = tl.load(amax_ptr).to(tl.float32, bitcast=True)
     s_t = tl.math.div_rn(amax_t, 2688.0)
@@ -92,7 +93,7 @@ def _nvfp4_kernel(
     scale = s_block * s_t
     live = scale > 0
     den = tl.where(live, scale, 1.0)[:, :, None]
-    v = divide_by_scale(x3, den)  # Inf/NaN blocks are masked below
+    v = divide_by_scale(x3, den, PTX)  # Inf/NaN blocks are masked below
     if STOCHASTIC:
         rand = tl.reshape(tile_random_bits(seed, offset, rows, tl.program_id(1) * BLOCK_K, K, BLOCK_M, BLOCK_K),
                           (BLOCK_M, NB, 16))
@@ -154,7 +155,7 @@ def quantize_nvfp4_kernel(x: torch.Tensor, global_amax=None, rounding: str = "ne
         _nvfp4_kernel[(triton.cdiv(M, block_m), triton.cdiv(Kp, block_k))](
             x, codes, block_scales, tensor_scale, amax_bits, M, K, Kp, x.stride(0), x.stride(1),
             BLOCK_M=block_m, BLOCK_K=block_k, seed=int(seed), offset=int(offset), STOCHASTIC=stochastic,
-            num_warps=warps)
+            PTX=not runtime.INTERPRET, num_warps=warps)
     fp4 = getattr(torch, "float4_e2m1fn_x2", torch.uint8)
     return codes.view(fp4), block_scales.view(torch.float8_e4m3fn), tensor_scale
 
