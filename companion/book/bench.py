@@ -117,6 +117,13 @@ def measure_quant_kernels() -> dict:
     return measure()
 
 
+def measure_tile_walks() -> dict:
+    """The quantization kernels under each way of walking their tiles (order, programs, pipelining)."""
+    from companion.kernels.bench_quant import measure_tile_walks as measure
+
+    return measure()
+
+
 def measure_kmeans() -> dict:
     """K-means assignment (10M weights, k = 16): the Triton kernel against PyTorch and torch.compile."""
     from companion.kernels.kmeans_assign import measure_kmeans_assign
@@ -138,5 +145,6 @@ def measure_training() -> dict:
     return measure()
 
 
-BENCHMARKS = {"ceilings": measure_ceilings, "quant_kernels": measure_quant_kernels, "kmeans": measure_kmeans,
+BENCHMARKS = {"ceilings": measure_ceilings, "quant_kernels": measure_quant_kernels, "tile_walks": measure_tile_walks,
+              "kmeans": measure_kmeans,
               "gemm": measure_gemm, "training": measure_training}

@@ -148,3 +148,74 @@ def measure_quant_kernels() -> dict:
         del x
         torch.cuda.empty_cache()
     return {"environment": bench.environment(), "results": results}
+
+
+# How the launchers may walk the tiles: (BLOCK_M, BLOCK_K, num_warps, programs per SM, pipeline stages,
+# tiles numbered down columns), as in companion.kernels.fp8_blockwise and mx_quant; 0 programs per SM
+# starts one program per tile. Each kernel's first entry is the one the book compares the others with.
+TILE_WALKS = {
+    "fp8_1x128": ("fp8_blockwise", "ROW_BLOCK_CONFIG", None, [
+        (2, 1024, 2, 0, 1, False), (2, 1024, 2, 0, 1, True), (4, 512, 2, 0, 1, False),
+        (2, 1024, 2, 8, 2, False), (2, 1024, 2, 4, 3, False)]),
+    "fp8_128x128": ("fp8_blockwise", "TILE_CONFIG", None, [
+        (128, 128, 16, 0, 1, True), (128, 128, 16, 0, 1, False), (128, 128, 16, 2, 2, True),
+        (128, 128, 16, 1, 3, True)]),
+    "mxfp8_rows": ("mx_quant", "ROWS_CONFIG", "fp8", [
+        (8, 512, 4, 0, 1, False), (8, 512, 4, 0, 1, True), (8, 512, 4, 8, 2, False)]),
+    "mxfp8_rows_and_columns": ("mx_quant", "ROWS_AND_COLUMNS_CONFIG", None, [
+        (32, 128, 2, 0, 1, False), (32, 128, 2, 0, 1, True), (32, 128, 2, 8, 3, False),
+        (32, 128, 2, 8, 3, True)]),
+}
+
+
+def measure_tile_walks(rounds: int = 2) -> dict:
+    """Each kernel under each walk of TILE_WALKS, 8192 x 8192 bf16, as fractions of the copy rate
+    (``rounds`` interleaved measurements per walk, so that drift hits all walks alike), and the number
+    of code and scale bytes that differ from the first walk's on an input full of special values
+    (zero wherever the walk is right)."""
+    import importlib
+
+    import torch
+
+    from companion.book import bench
+
+    if not torch.cuda.is_available():
+        raise RuntimeError("the tile-walk benchmark needs a CUDA GPU")
+    copy = bench.copy_bandwidth()
+    M = K = 8192
+    x = torch.randn(M, K, device="cuda", generator=torch.Generator("cuda").manual_seed(0)).bfloat16()
+    g = torch.Generator("cuda").manual_seed(1)
+    odd = torch.randn(1000, 1100, device="cuda", generator=g) * torch.exp2(
+        torch.randint(-30, 30, (1000, 1100), device="cuda", generator=g).float())
+    specials = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0, 0.0, 1e-40, -1e-39, 3e38], device="cuda")
+    odd.view(-1)[torch.randint(0, odd.numel(), (4000,), device="cuda", generator=g)] = specials.repeat(500)
+    odd[:128, :128] = 0.0
+    odd = odd.bfloat16()
+    kernels = _kernels(x)
+    results = {"copy_bytes_per_s": copy, "walks": {}}
+    for name, (module_name, attr, key, walks) in TILE_WALKS.items():
+        module = importlib.import_module(f"companion.kernels.{module_name}")
+        saved = getattr(module, attr) if key is None else getattr(module, attr)[key]
+
+        def use(walk):
+            if key is None:
+                setattr(module, attr, walk)
+            else:
+                getattr(module, attr)[key] = walk
+
+        fn, nbytes = kernels[name], bytes_moved(name, M, K)
+        try:
+            use(walks[0])
+            reference = [t.view(torch.uint8).clone() for t in fn(odd)]
+            rows = {str(walk): {"vs_copy": [], "bytes_differing": 0} for walk in walks}
+            for _ in range(rounds):
+                for walk in walks:
+                    use(walk)
+                    got = fn(odd)
+                    rows[str(walk)]["bytes_differing"] += sum(
+                        int((a.view(torch.uint8) != b).sum()) for a, b in zip(got, reference))
+                    rows[str(walk)]["vs_copy"].append(nbytes / (bench._median_ms(lambda: fn(x)) * 1e-3) / copy)
+        finally:
+            use(saved)
+        results["walks"][name] = rows
+    return {"environment": bench.environment(), "results": results}
