@@ -43,15 +43,26 @@ from companion.kernels.float_codes import (
 INPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 TILES = ((1, 128), (128, 128))
 E4M3_MAX = 448.0
-# (BLOCK_M, BLOCK_K, num_warps) for 1 x 128 blocks: a program quantizes BLOCK_K / 128 blocks of each of
-# its rows. Wide rows read longer contiguous runs: on an H200, bf16 8192 x 8192 (16384 x 16384), in TB/s,
-# 32 x 128 3.29 (3.60), 16 x 256 3.36 (3.69), 8 x 512 3.43 (3.72), 4 x 1024 3.47 (3.71); 8 warps and
-# 2 x 2048 were slower. Copy of the same bytes: 3.81 (4.16). A later sweep with two warps, as fractions
-# of the 1 GiB copy rate in one run: 2 x 1024 0.84, 4 x 512 0.84, against 0.82 for 8 x 512 with four.
+# Launch configurations: (BLOCK_M, BLOCK_K, num_warps, programs per SM, pipeline stages, tiles numbered
+# down columns). 0 programs per SM starts one program per tile and no loop; otherwise that many
+# programs per SM walk the tiles in a tl.range loop with that many stages (see _fp8_blockwise_kernel).
+# 1 x 128 blocks: a program quantizes BLOCK_K / 128 blocks of each of its rows. Wide rows read longer
+# contiguous runs: on an H200, bf16 8192 x 8192 (16384 x 16384), in TB/s, 32 x 128 3.29 (3.60),
+# 16 x 256 3.36 (3.69), 8 x 512 3.43 (3.72), 4 x 1024 3.47 (3.71); 8 warps and 2 x 2048 were slower.
+# With two warps, as fractions of the 1 GiB copy rate in one run: 2 x 1024 0.84, 4 x 512 0.84, against
+# 0.82 for 8 x 512 with four. Tile order and walks, on an H100 (2026-12-05, two interleaved rounds,
+# fractions of the copy rate; `python -m companion.book bench tile_walks` repeats it): tiles numbered
+# along rows 0.93, down columns (the order of the earlier two-dimensional grid) 0.89; 4 x 512 along
+# rows 0.91; 8 programs per SM walking with 2 stages 0.71, 4 with 3 stages 0.64. Those runs kept the
+# loop even for one tile per program, which cost registers (below); for 1 x 128 blocks, 63 against 56.
 ROW_BLOCK_CONFIG = (2, 1024, 2, 0, 1, False)
-# (128, BLOCK_K, num_warps) for 128 x 128 tiles: BLOCK_K / 128 tiles side by side per program. One tile
-# and 16 warps is best on an H200 (8192^2 bf16: 2.93 TB/s; 32 warps 1.97; two tiles with 16 or 32 warps
-# 2.17 and 2.29; four tiles 1.85).
+# 128 x 128 tiles: BLOCK_K / 128 tiles side by side per program. One tile and 16 warps is best on an
+# H200 (8192^2 bf16: 2.93 TB/s; 32 warps 1.97; two tiles with 16 or 32 warps 2.17 and 2.29; four tiles
+# 1.85). A program per tile without a loop, the tiles down columns: 0.83 of the copy rate on an H100
+# (the same arithmetic as a kernel on a two-dimensional grid, one run). The same programs inside a loop that runs once: 0.57 down columns, 0.55 along rows --
+# the loop takes the kernel from 53-56 to 76 registers, and at 512 threads a program that leaves room
+# for one program per SM instead of two (Nsight Compute: 25% occupancy, no eligible warp in 57% of
+# cycles). Walks: one program per SM with 3 stages 0.70, two with 2 stages 0.51.
 TILE_CONFIG = (128, 128, 16, 0, 1, True)
 
 
@@ -69,15 +80,19 @@ def _fp8_blockwise_kernel(
     POW2: tl.constexpr,  # round each scale up to a power of two
     seed, offset,  # stochastic rounding: Philox seed, and an offset added to every Philox counter
     STOCHASTIC: tl.constexpr,  # round the codes stochastically instead of to nearest-even
-    STAGES: tl.constexpr,  # tiles in flight per program: 2 or more loads the next tile during this one's work
+    WALK: tl.constexpr,  # the programs walk the tiles in a loop (False: one program per tile)
+    STAGES: tl.constexpr,  # when walking, tiles in flight per program (2 or more prefetch the next tile)
     COLUMN_MAJOR: tl.constexpr,  # number the tiles down columns instead of along rows
 ):
     tiles_m = tl.cdiv(M, BLOCK_M)
     tiles_k = tl.cdiv(K, BLOCK_K)
-    # Program p quantizes tiles p, p + P, p + 2P, ... (P programs): one tile each when the launcher
-    # starts a program per tile, a strided walk when it starts a few per SM.
-    for tile in tl.range(tl.program_id(0), tiles_m * tiles_k, tl.num_programs(0), num_stages=STAGES):
-        pid_m, pid_k = tile_coordinates(tile, tiles_m, tiles_k, COLUMN_MAJOR)
+    if WALK:  # program p of P quantizes tiles p, p + P, p + 2P, ...
+        for tile in tl.range(tl.program_id(0), tiles_m * tiles_k, tl.num_programs(0), num_stages=STAGES):
+            pid_m, pid_k = tile_coordinates(tile, tiles_m, tiles_k, COLUMN_MAJOR)
+            _fp8_tile(x_ptr, codes_ptr, scales_ptr, M, K, stride_xm, stride_xk, n_scale_cols, pid_m, pid_k,
+                      TILE_ROWS, BLOCK_M, BLOCK_K, POW2, seed, offset, STOCHASTIC)
+    else:  # no loop: a loop the compiler cannot prove runs once costs registers (76 against 53 at 128 x 128)
+        pid_m, pid_k = tile_coordinates(tl.program_id(0), tiles_m, tiles_k, COLUMN_MAJOR)
         _fp8_tile(x_ptr, codes_ptr, scales_ptr, M, K, stride_xm, stride_xk, n_scale_cols, pid_m, pid_k,
                   TILE_ROWS, BLOCK_M, BLOCK_K, POW2, seed, offset, STOCHASTIC)
 
@@ -170,8 +185,8 @@ def quantize_fp8_blockwise(x: torch.Tensor, tile=(1, 128), power_of_two_scales: 
     _fp8_blockwise_kernel[(runtime.persistent_programs(n_tiles, per_sm),)](
         x, codes, scales, M, K, x.stride(0), x.stride(1), scales.shape[1],
         TILE_ROWS=rows, BLOCK_M=block_m, BLOCK_K=block_k, POW2=bool(power_of_two_scales),
-        seed=int(seed), offset=int(offset), STOCHASTIC=stochastic, STAGES=stages,
-        COLUMN_MAJOR=column_major, num_warps=warps,
+        seed=int(seed), offset=int(offset), STOCHASTIC=stochastic, WALK=per_sm > 0,
+        STAGES=stages, COLUMN_MAJOR=column_major, num_warps=warps,
     )
     return codes.view(torch.float8_e4m3fn), scales
 

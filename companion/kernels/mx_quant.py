@@ -53,16 +53,22 @@ MX_ELEMENTS = {  # name -> (kernel id, emax, fp32(1 / max), torch dtype of the c
     "fp4_e2m1": (2, 2, float(np.float32(1 / 6.0)), getattr(torch, "float4_e2m1fn_x2", torch.uint8)),
 }
 SCALE_ROUNDINGS = ("floor", "rceil")
-# (BLOCK_M, BLOCK_K, num_warps), from sweeps on an H200 (8192 x 8192 bf16, fraction of the copy rate
-# measured in the same run). Row blocks: wide rows; MXFP8 8 x 512 0.86 (16 x 256 0.83, 4 x 1024 0.54),
-# MXFP4 4 x 1024 0.59 (8 x 512 0.57, 16 x 256 0.50-0.58). Both directions: 32 x 128 with two warps
-# 0.74 (four warps 0.59, 32 x 64 with two 0.68, 32 x 32 with one 0.54, 64 x 64 with two 0.63), as the
-# column maxima cross fewer warps. Repeated runs differ by a few percent. MXFP4 from bf16 pairs
-# (2026-12-05): 4 x 1024 0.85, the same within 0.02 for 8 x 512, 2 x 2048, 8 x 1024 (8 warps),
-# 2 x 1024 (2 warps), 16 x 512 (8 warps) and 8 x 256 (2 warps); at 4096 x 4096, 0.54-0.60 for all but
-# 8 x 512 and 8 x 256 (0.26 and 0.21).
+# Launch configurations: (BLOCK_M, BLOCK_K, num_warps, programs per SM, pipeline stages, tiles numbered
+# down columns), as in fp8_blockwise (the bf16-pair MXFP4 kernel takes the first three only). From
+# sweeps on an H200 (8192 x 8192 bf16, fraction of the copy rate measured in the same run). Row blocks:
+# wide rows; MXFP8 8 x 512 0.86 (16 x 256 0.83, 4 x 1024 0.54), MXFP4 4 x 1024 0.59 (8 x 512 0.57,
+# 16 x 256 0.50-0.58). Both directions: 32 x 128 with two warps 0.74 (four warps 0.59, 32 x 64 with
+# two 0.68, 32 x 32 with one 0.54, 64 x 64 with two 0.63), as the column maxima cross fewer warps.
+# Repeated runs differ by a few percent. MXFP4 from bf16 pairs (2026-12-05): 4 x 1024 0.85, the same
+# within 0.02 for 8 x 512, 2 x 2048, 8 x 1024 (8 warps), 2 x 1024 (2 warps), 16 x 512 (8 warps) and
+# 8 x 256 (2 warps); at 4096 x 4096, 0.54-0.60 for all but 8 x 512 and 8 x 256 (0.26 and 0.21).
+# Tile order and walks on an H100 (2026-12-05, two interleaved rounds, with a loop around every tile;
+# `python -m companion.book bench tile_walks`): MXFP8 rows numbered along rows 0.92, down columns 0.88,
+# 8 programs per SM with 2 stages 0.88; both directions along rows 0.79, down columns 0.81, 8 programs
+# per SM with 3 stages 0.83 along rows and 0.78 down columns. With that loop the kernel for both
+# directions held 167 registers (Nsight Compute: 19% occupancy); without it, 128.
 ROWS_CONFIG = {"fp8": (8, 512, 4, 0, 1, False), "fp4": (4, 1024, 4, 0, 1, False), "fp4_bf16": (4, 1024, 4)}
-ROWS_AND_COLUMNS_CONFIG = (32, 128, 2, 0, 1, False)
+ROWS_AND_COLUMNS_CONFIG = (32, 128, 2, 0, 1, True)
 
 
 @triton.jit
@@ -120,14 +126,20 @@ def _mx_kernel(
     BLOCK_M: tl.constexpr,  # rows per program (a multiple of 32 when COLS)
     BLOCK_K: tl.constexpr,  # columns per program (a multiple of 32)
     STOCHASTIC: tl.constexpr,  # round the codes stochastically instead of to nearest-even
-    STAGES: tl.constexpr,  # tiles in flight per program: 2 or more loads the next tile during this one's work
+    WALK: tl.constexpr,  # the programs walk the tiles in a loop (False: one program per tile)
+    STAGES: tl.constexpr,  # when walking, tiles in flight per program (2 or more prefetch the next tile)
     COLUMN_MAJOR: tl.constexpr,  # number the tiles down columns instead of along rows
 ):
     tiles_m = tl.cdiv(M, BLOCK_M)
     tiles_k = tl.cdiv(Kp, BLOCK_K)
-    # Program p quantizes tiles p, p + P, p + 2P, ... (P programs): see fp8_blockwise.
-    for tile in tl.range(tl.program_id(0), tiles_m * tiles_k, tl.num_programs(0), num_stages=STAGES):
-        pid_m, pid_k = tile_coordinates(tile, tiles_m, tiles_k, COLUMN_MAJOR)
+    if WALK:  # program p of P quantizes tiles p, p + P, p + 2P, ... (see fp8_blockwise)
+        for tile in tl.range(tl.program_id(0), tiles_m * tiles_k, tl.num_programs(0), num_stages=STAGES):
+            pid_m, pid_k = tile_coordinates(tile, tiles_m, tiles_k, COLUMN_MAJOR)
+            _mx_tile(x_ptr, row_codes_ptr, row_scales_ptr, col_codes_ptr, col_scales_ptr, M, K, Mp, Kp,
+                     stride_xm, stride_xk, seed, offset, pid_m, pid_k, ELEM, EMAX, INV_MAX, RCEIL, ROWS, COLS,
+                     BLOCK_M, BLOCK_K, STOCHASTIC)
+    else:
+        pid_m, pid_k = tile_coordinates(tl.program_id(0), tiles_m, tiles_k, COLUMN_MAJOR)
         _mx_tile(x_ptr, row_codes_ptr, row_scales_ptr, col_codes_ptr, col_scales_ptr, M, K, Mp, Kp,
                  stride_xm, stride_xk, seed, offset, pid_m, pid_k, ELEM, EMAX, INV_MAX, RCEIL, ROWS, COLS,
                  BLOCK_M, BLOCK_K, STOCHASTIC)
@@ -268,7 +280,7 @@ def _launch(x, elem, scale_rounding, rounding, seed, offset, rows, cols):
             M, K, Mp, Kp, x.stride(0), x.stride(1), int(seed), int(offset),
             ELEM=kind, EMAX=emax, INV_MAX=inv_max, RCEIL=scale_rounding == "rceil",
             ROWS=rows, COLS=cols, BLOCK_M=block_m, BLOCK_K=block_k, STOCHASTIC=rounding == "stochastic",
-            STAGES=stages, COLUMN_MAJOR=column_major, num_warps=warps,
+            WALK=per_sm > 0, STAGES=stages, COLUMN_MAJOR=column_major, num_warps=warps,
         )
     out = []
     if rows:
