@@ -188,7 +188,8 @@ def measure_tile_walks(rounds: int = 2) -> dict:
     g = torch.Generator("cuda").manual_seed(1)
     odd = torch.randn(1000, 1100, device="cuda", generator=g) * torch.exp2(
         torch.randint(-30, 30, (1000, 1100), device="cuda", generator=g).float())
-    specials = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0, 0.0, 1e-40, -1e-39, 3e38], device="cuda")
+    specials = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0, 0.0, 1e-40, -1e-39, 3e38],
+                            device="cuda")
     odd.view(-1)[torch.randint(0, odd.numel(), (4000,), device="cuda", generator=g)] = specials.repeat(500)
     odd[:128, :128] = 0.0
     odd = odd.bfloat16()

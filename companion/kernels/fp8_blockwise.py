@@ -58,11 +58,12 @@ E4M3_MAX = 448.0
 ROW_BLOCK_CONFIG = (2, 1024, 2, 0, 1, False)
 # 128 x 128 tiles: BLOCK_K / 128 tiles side by side per program. One tile and 16 warps is best on an
 # H200 (8192^2 bf16: 2.93 TB/s; 32 warps 1.97; two tiles with 16 or 32 warps 2.17 and 2.29; four tiles
-# 1.85). A program per tile without a loop, the tiles down columns: 0.83 of the copy rate on an H100
-# (the same arithmetic as a kernel on a two-dimensional grid, one run). The same programs inside a loop that runs once: 0.57 down columns, 0.55 along rows --
-# the loop takes the kernel from 53-56 to 76 registers, and at 512 threads a program that leaves room
-# for one program per SM instead of two (Nsight Compute: 25% occupancy, no eligible warp in 57% of
-# cycles). Walks: one program per SM with 3 stages 0.70, two with 2 stages 0.51.
+# 1.85). On an H100, one run: a program per tile without a loop, the tiles down columns, 0.83 of the
+# copy rate (the same arithmetic as a kernel on a two-dimensional grid); the same programs inside a
+# loop that runs once, 0.57 down columns and 0.55 along rows -- the loop takes the kernel from 56 to 76
+# registers, and at 512 threads a program that leaves room for one program per SM instead of two
+# (Nsight Compute: 25% occupancy, no eligible warp in 57% of the cycles). Walks: one program per SM
+# with 3 stages 0.70, two with 2 stages 0.51.
 TILE_CONFIG = (128, 128, 16, 0, 1, True)
 
 
@@ -91,7 +92,7 @@ def _fp8_blockwise_kernel(
             pid_m, pid_k = tile_coordinates(tile, tiles_m, tiles_k, COLUMN_MAJOR)
             _fp8_tile(x_ptr, codes_ptr, scales_ptr, M, K, stride_xm, stride_xk, n_scale_cols, pid_m, pid_k,
                       TILE_ROWS, BLOCK_M, BLOCK_K, POW2, seed, offset, STOCHASTIC)
-    else:  # no loop: a loop the compiler cannot prove runs once costs registers (76 against 53 at 128 x 128)
+    else:  # no loop: a loop the compiler cannot prove runs once costs registers (76 against 56 at 128 x 128)
         pid_m, pid_k = tile_coordinates(tl.program_id(0), tiles_m, tiles_k, COLUMN_MAJOR)
         _fp8_tile(x_ptr, codes_ptr, scales_ptr, M, K, stride_xm, stride_xk, n_scale_cols, pid_m, pid_k,
                   TILE_ROWS, BLOCK_M, BLOCK_K, POW2, seed, offset, STOCHASTIC)
