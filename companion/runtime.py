@@ -125,7 +125,6 @@ def check_tensor(x, name: str, dtypes=None, *, contiguous: bool = True, ndim=Non
         raise ValueError(f"{name} must be contiguous (call .contiguous() first); got strides {x.stride()}")
 
 
-
 # Programs a persistent kernel starts under the interpreter: few, so that each walks several tiles and
 # the tests exercise the loop (the interpreter runs programs one after another, so the number costs
 # nothing there).

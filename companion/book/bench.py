@@ -146,5 +146,4 @@ def measure_training() -> dict:
 
 
 BENCHMARKS = {"ceilings": measure_ceilings, "quant_kernels": measure_quant_kernels, "tile_walks": measure_tile_walks,
-              "kmeans": measure_kmeans,
-              "gemm": measure_gemm, "training": measure_training}
+              "kmeans": measure_kmeans, "gemm": measure_gemm, "training": measure_training}

@@ -150,30 +150,27 @@ def measure_quant_kernels() -> dict:
     return {"environment": bench.environment(), "results": results}
 
 
-# How the launchers may walk the tiles: (BLOCK_M, BLOCK_K, num_warps, programs per SM, pipeline stages,
-# tiles numbered down columns), as in companion.kernels.fp8_blockwise and mx_quant; 0 programs per SM
-# starts one program per tile. Each kernel's first entry is its launcher's default, which the others are
-# compared with. The results of a run on an H100 are recorded beside the configurations in those modules.
+# How else the launchers may walk the tiles: (BLOCK_M, BLOCK_K, num_warps, programs per SM, pipeline
+# stages, tiles numbered down columns), as in companion.kernels.fp8_blockwise and mx_quant; 0 programs per
+# SM starts one program per tile. Each kernel is measured under its launcher's current configuration
+# first, then under these. The results of a run on an H100 are recorded beside the configurations.
 TILE_WALKS = {
     "fp8_1x128": ("fp8_blockwise", "ROW_BLOCK_CONFIG", None, [
-        (2, 1024, 2, 0, 1, False), (2, 1024, 2, 0, 1, True), (4, 512, 2, 0, 1, False),
-        (2, 1024, 2, 8, 2, False), (2, 1024, 2, 4, 3, False)]),
+        (2, 1024, 2, 0, 1, True), (4, 512, 2, 0, 1, False), (2, 1024, 2, 8, 2, False),
+        (2, 1024, 2, 4, 3, False)]),
     "fp8_128x128": ("fp8_blockwise", "TILE_CONFIG", None, [
-        (128, 128, 16, 0, 1, True), (128, 128, 16, 0, 1, False), (128, 128, 16, 2, 2, True),
-        (128, 128, 16, 1, 3, True)]),
-    "mxfp8_rows": ("mx_quant", "ROWS_CONFIG", "fp8", [
-        (8, 512, 4, 0, 1, False), (8, 512, 4, 0, 1, True), (8, 512, 4, 8, 2, False)]),
+        (128, 128, 16, 0, 1, False), (128, 128, 16, 2, 2, True), (128, 128, 16, 1, 3, True)]),
+    "mxfp8_rows": ("mx_quant", "ROWS_CONFIG", "fp8", [(8, 512, 4, 0, 1, True), (8, 512, 4, 8, 2, False)]),
     "mxfp8_rows_and_columns": ("mx_quant", "ROWS_AND_COLUMNS_CONFIG", None, [
-        (32, 128, 2, 0, 1, True), (32, 128, 2, 0, 1, False), (32, 128, 2, 8, 3, False),
-        (32, 128, 2, 8, 3, True)]),
+        (32, 128, 2, 0, 1, False), (32, 128, 2, 8, 3, False), (32, 128, 2, 8, 3, True)]),
 }
 
 
 def measure_tile_walks(rounds: int = 2) -> dict:
-    """Each kernel under each walk of TILE_WALKS, 8192 x 8192 bf16, as fractions of the copy rate
-    (``rounds`` interleaved measurements per walk, so that drift hits all walks alike), and the number
-    of code and scale bytes that differ from the first walk's on an input full of special values
-    (zero wherever the walk is right)."""
+    """Each kernel under its launcher's configuration and then each walk of TILE_WALKS, 8192 x 8192
+    bf16, as fractions of the copy rate (``rounds`` interleaved measurements per walk, so that drift
+    hits all walks alike), and the number of code and scale bytes that differ from the launcher's
+    configuration's on an input full of special values (zero wherever the walk is right)."""
     import importlib
 
     import torch
@@ -195,9 +192,10 @@ def measure_tile_walks(rounds: int = 2) -> dict:
     odd = odd.bfloat16()
     kernels = _kernels(x)
     results = {"copy_bytes_per_s": copy, "walks": {}}
-    for name, (module_name, attr, key, walks) in TILE_WALKS.items():
+    for name, (module_name, attr, key, others) in TILE_WALKS.items():
         module = importlib.import_module(f"companion.kernels.{module_name}")
         saved = getattr(module, attr) if key is None else getattr(module, attr)[key]
+        walks = [saved] + [walk for walk in others if walk != saved]
 
         def use(walk):
             if key is None:
@@ -206,9 +204,8 @@ def measure_tile_walks(rounds: int = 2) -> dict:
                 getattr(module, attr)[key] = walk
 
         fn, nbytes = kernels[name], bytes_moved(name, M, K)
+        reference = [t.view(torch.uint8).clone() for t in fn(odd)]  # under the launcher's configuration
         try:
-            use(walks[0])
-            reference = [t.view(torch.uint8).clone() for t in fn(odd)]
             rows = {str(walk): {"vs_copy": [], "bytes_differing": 0} for walk in walks}
             for _ in range(rounds):
                 for walk in walks:
