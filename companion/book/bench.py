@@ -24,6 +24,36 @@ def _median_ms(fn) -> float:
     return float(triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median"))
 
 
+def graph_ms_per_call(fns, rounds: int = 20, replays: int = 15) -> float:
+    """Milliseconds per call of ``fns`` (called in turn, ``rounds`` times) captured in one CUDA graph;
+    the median over ``replays`` replays. The GPU's time alone: no launch gaps from the host, which a
+    Python launcher can leave when its own overhead exceeds the GPU time of the work queued before it.
+    Give ``fns`` several inputs that together exceed the L2 cache, so no call finds its data there."""
+    import torch
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up (compiles, autotunes) outside the capture
+        for fn in fns:
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(rounds):
+            for fn in fns:
+                fn()
+    graph.replay()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / (rounds * len(fns)))
+    return float(sorted(times)[len(times) // 2])
+
+
 def copy_bandwidth(nbytes: int = 1 << 30) -> float:
     """Device-to-device copy, in bytes moved (read + written) per second."""
     import torch

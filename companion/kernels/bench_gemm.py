@@ -56,6 +56,7 @@ def _fp8_gemms(median_ms):
 def _decode(median_ms, copy_bytes_per_s):
     import torch
 
+    from companion.book.bench import graph_ms_per_call
     from companion.kernels import quantize_mx_rows, quantize_nvfp4_kernel
     from companion.kernels.fp4_gemm import DECODE_CONFIG, GEMV_MAX_M, quantize_int4_weights, w4a16_matmul
 
@@ -98,7 +99,7 @@ def _decode(median_ms, copy_bytes_per_s):
         # Replayed as a CUDA graph, as decode loops run in serving: GPU time without the host's launch
         # gaps. Launched one by one from Python (do_bench, L2 flushed before each call), a call of two
         # kernels (split K) can leave the GPU idle between them, and the idle time is timed too.
-        times = {name: _graph_ms_per_call(fns) for name, fns in calls.items()}
+        times = {name: graph_ms_per_call(fns) for name, fns in calls.items()}
         eager = {name: median_ms(fns[0]) for name, fns in calls.items()}
         rows.append({
             "M": M, "ms": times, "ms_launched_from_python": eager,
@@ -109,34 +110,6 @@ def _decode(median_ms, copy_bytes_per_s):
                                          / copy_bytes_per_s for k, v in times.items()},
         })
     return {"N": N, "K": K, "weight_bytes": weight_bytes, "rows": rows}
-
-
-def _graph_ms_per_call(fns, rounds: int = 20, replays: int = 15) -> float:
-    """Milliseconds per call of ``fns`` (called in turn, ``rounds`` times) captured in one CUDA graph;
-    the median over ``replays`` replays."""
-    import torch
-
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm up (compiles, autotunes) outside the capture
-        for fn in fns:
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(rounds):
-            for fn in fns:
-                fn()
-    graph.replay()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / (rounds * len(fns)))
-    return float(sorted(times)[len(times) // 2])
 
 
 def _nvfp4_bitwise(x, codes, scales, ts):
