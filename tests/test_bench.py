@@ -36,3 +36,25 @@ def test_unknown_gemm_kind_is_refused():
 @pytest.mark.gpu
 def test_measure_copy_bandwidth_on_the_gpu():
     assert bench.copy_bandwidth(1 << 26) > 1e11
+
+
+# Lines of `ncu --csv --metrics ...` output from the GPU machine (the NVFP4 launcher's last two kernels).
+_NCU_CSV = '''==PROF== Connected to process 1393 (/usr/bin/python3.12)
+==PROF== Disconnected from process 1393
+"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size","Grid Size","Device","CC","Section Name","Metric Name","Metric Unit","Metric Value"
+"2","1393","python3.12","127.0.0.1","_amax_kernel","1","7","(128, 1, 1)","(64, 32, 1)","0","9.0","Command line profiler metrics","dram__throughput.avg.pct_of_peak_sustained_elapsed","%","83.02"
+"2","1393","python3.12","127.0.0.1","_amax_kernel","1","7","(128, 1, 1)","(64, 32, 1)","0","9.0","Command line profiler metrics","gpu__time_duration.sum","ns","48,320"
+"2","1393","python3.12","127.0.0.1","_amax_kernel","1","7","(128, 1, 1)","(64, 32, 1)","0","9.0","Command line profiler metrics","launch__registers_per_thread","register/thread","52"
+"3","1393","python3.12","127.0.0.1","_nvfp4_kernel","1","7","(128, 1, 1)","(512, 32, 1)","0","9.0","Command line profiler metrics","gpu__time_duration.sum","usecond","109.09"
+"3","1393","python3.12","127.0.0.1","_nvfp4_kernel","1","7","(128, 1, 1)","(512, 32, 1)","0","9.0","Command line profiler metrics","smsp__inst_executed.sum","inst","67,043,328"
+'''
+
+
+def test_ncu_csv_is_read_per_kernel_with_units_and_thousands_separators():
+    from companion.kernels.profile_quant import parse_ncu_csv
+
+    amax, quantize = parse_ncu_csv(_NCU_CSV)
+    assert amax == {"kernel": "_amax_kernel", "dram_pct": 83.02, "duration_us": 48.32, "registers": 52.0}
+    assert quantize == {"kernel": "_nvfp4_kernel", "duration_us": 109.09, "instructions": 67043328.0}
+    with pytest.raises(ValueError, match="unit"):
+        parse_ncu_csv(_NCU_CSV.replace('"ns","48,320"', '"cycle","48,320"'))

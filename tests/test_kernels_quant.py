@@ -380,6 +380,7 @@ def test_empty_tensors():
         assert codes.shape == shape and scales.shape == (shape[0], -(-shape[1] // 128))
         assert quantize_mx_rows(x)[0].shape == (shape[0], -(-shape[1] // 32) * 32)
         assert quantize_nvfp4_kernel(x)[0].shape == (shape[0], -(-shape[1] // 16) * 8)
+        assert float(quantize_nvfp4_kernel(x)[2]) == float(nvfp4_reference(x)[2]) == 1.0  # no amax: scale 1
         assert dequantize_fp8_blockwise(codes, scales).shape == shape
 
 

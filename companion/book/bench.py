@@ -154,6 +154,13 @@ def measure_tile_walks() -> dict:
     return measure()
 
 
+def measure_quant_profile() -> dict:
+    """Nsight Compute's counters for each quantization kernel: DRAM and issue utilisation, instructions."""
+    from companion.kernels.profile_quant import measure_quant_profile as measure
+
+    return measure()
+
+
 def measure_kmeans() -> dict:
     """K-means assignment (10M weights, k = 16): the Triton kernel against PyTorch and torch.compile."""
     from companion.kernels.kmeans_assign import measure_kmeans_assign
@@ -176,4 +183,5 @@ def measure_training() -> dict:
 
 
 BENCHMARKS = {"ceilings": measure_ceilings, "quant_kernels": measure_quant_kernels, "tile_walks": measure_tile_walks,
+              "quant_profile": measure_quant_profile,
               "kmeans": measure_kmeans, "gemm": measure_gemm, "training": measure_training}

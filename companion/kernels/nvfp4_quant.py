@@ -132,7 +132,8 @@ def quantize_nvfp4_kernel(x: torch.Tensor, global_amax=None, rounding: str = "ne
     dev = x.device
     codes = torch.empty((M, Kp // 2), dtype=torch.uint8, device=dev)  # the kernel writes every byte
     block_scales = torch.empty((M, Kp // 16), dtype=torch.uint8, device=dev)
-    tensor_scale = torch.ones((), dtype=torch.float32, device=dev)
+    # Program (0, 0) writes the tensor scale; with no programs to run, it is 1 (a fill is a launch of its own).
+    tensor_scale = torch.empty((), dtype=torch.float32, device=dev) if x.numel() else torch.ones((), device=dev)
     if isinstance(global_amax, torch.Tensor):
         # Kept on the device (delayed scaling): no host round trip; its value is the caller's to vouch for.
         runtime.check_tensor(global_amax, "global_amax", dtypes=(torch.float32,), contiguous=False)
