@@ -231,8 +231,9 @@ TILE_WALKS = {
 def measure_tile_walks(rounds: int = 2) -> dict:
     """Each kernel under its launcher's configuration and then each walk of TILE_WALKS, 8192 x 8192
     bf16, as fractions of the copy rate (GPU time, as in measure_quant_kernels; ``rounds`` interleaved
-    measurements per walk, so that drift hits all walks alike), and the number of code and scale bytes that differ from the launcher's
-    configuration's on an input full of special values (zero wherever the walk is right)."""
+    measurements per walk, so that drift hits all walks alike), and the number of code and scale bytes
+    that differ from the launcher's configuration's on an input full of special values (zero wherever
+    the walk is right)."""
     import importlib
 
     import torch

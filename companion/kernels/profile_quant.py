@@ -43,7 +43,8 @@ def _ncu() -> str:
     found = shutil.which("ncu") or next(
         (p for p in ("/usr/local/cuda/bin/ncu", "/opt/nvidia/nsight-compute/ncu") if os.path.exists(p)), None)
     if found is None:
-        raise RuntimeError("the quantization profile needs Nsight Compute's `ncu` on the PATH (or in /usr/local/cuda/bin)")
+        raise RuntimeError("the quantization profile needs Nsight Compute's `ncu` on the PATH "
+                           "(or in /usr/local/cuda/bin)")
     return found
 
 
