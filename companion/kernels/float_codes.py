@@ -287,6 +287,9 @@ def tile_random_bits(seed, offset, rows, col_start, K, BLOCK_M: tl.constexpr, BL
     a step, and halve the Philox calls, the costliest part of stochastic rounding."""
     groups = col_start // 8 + tl.arange(0, BLOCK_K // 8)
     counter = rows[:, None].to(tl.int64) * ((K + 7) // 8) + groups[None, :]
+    # Philox's ten rounds are about half of what stochastic rounding adds. H100, 2026-12-05, 8192^2 bf16,
+    # fraction of the copy rate with 10 / 7 / 4 rounds: FP8 1 x 128 0.63 / 0.67 / 0.71, MXFP4 0.64 / 0.69 /
+    # 0.73, NVFP4 0.36 / 0.38 / 0.39 (nearest-even FP8: 0.99). Ten, the generator's default, is kept.
     r0, r1, r2, r3 = tl.randint4x(seed, (counter + offset).to(tl.int32))
     r = tl.join(tl.join(r0, r1), tl.join(r2, r3)).to(tl.int32, bitcast=True)  # (BLOCK_M, BLOCK_K / 8, 2, 2)
     r = tl.join(r & 0xFFFF, (r >> 16) & 0xFFFF)  # (BLOCK_M, BLOCK_K / 8, 2, 2, 2): low half, then high
