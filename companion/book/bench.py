@@ -54,13 +54,20 @@ def graph_ms_per_call(fns, rounds: int = 20, replays: int = 15) -> float:
     return float(sorted(times)[len(times) // 2])
 
 
-def copy_bandwidth(nbytes: int = 1 << 30) -> float:
-    """Device-to-device copy, in bytes moved (read + written) per second."""
+def copy_bandwidth(nbytes: int = 1 << 30, rotation_bytes: int = 0) -> float:
+    """Device-to-device copy, in bytes moved (read + written) per second.
+
+    With ``rotation_bytes``, GPU time as :func:`graph_ms_per_call` measures it, the copies cycling through
+    enough buffer pairs to hold that many bytes (the ceiling for kernels timed the same way); without,
+    one buffer pair timed call by call with ``triton.testing.do_bench``."""
     import torch
 
-    src = torch.randint(-128, 127, (nbytes // 2,), dtype=torch.int8, device="cuda")
-    dst = torch.empty_like(src)
-    return nbytes / (_median_ms(lambda: dst.copy_(src)) * 1e-3)
+    copies = max(2, -(-rotation_bytes // nbytes)) if rotation_bytes else 1
+    src = [torch.randint(-128, 127, (nbytes // 2,), dtype=torch.int8, device="cuda") for _ in range(copies)]
+    dst = [torch.empty_like(s) for s in src]
+    if not rotation_bytes:
+        return nbytes / (_median_ms(lambda: dst[0].copy_(src[0])) * 1e-3)
+    return nbytes / (graph_ms_per_call([lambda s=s, d=d: d.copy_(s) for s, d in zip(src, dst)]) * 1e-3)
 
 
 def gemm_flops(m: int, n: int, k: int, dtype: str = "bf16") -> float:

@@ -127,11 +127,16 @@ def bytes_moved(name: str, M: int, K: int) -> int:
     }[name.removesuffix("_stochastic").removesuffix("_static_amax")]
 
 
-def _inputs(M: int, K: int, seed: int = 0) -> list:
-    """Copies of one random bf16 (M, K) input, enough of them to hold ROTATION_BYTES between them."""
+def random_input(M: int, K: int, seed: int = 0):
+    """The benchmarks' input: a random normal bf16 (M, K) tensor on the GPU."""
     import torch
 
-    x = torch.randn(M, K, device="cuda", generator=torch.Generator("cuda").manual_seed(seed)).bfloat16()
+    return torch.randn(M, K, device="cuda", generator=torch.Generator("cuda").manual_seed(seed)).bfloat16()
+
+
+def _inputs(M: int, K: int, seed: int = 0) -> list:
+    """Copies of one random_input, enough of them to hold ROTATION_BYTES between them."""
+    x = random_input(M, K, seed)
     return [x] + [x.clone() for _ in range(max(2, -(-ROTATION_BYTES // x.nbytes)) - 1)]
 
 
@@ -140,18 +145,6 @@ def _graph_bytes_per_s(fn, xs, nbytes: int) -> float:
     from companion.book import bench
 
     return nbytes / (bench.graph_ms_per_call([lambda x=x: fn(x) for x in xs]) * 1e-3)
-
-
-def _copy_bytes_per_s(nbytes: int) -> float:
-    """A device-to-device copy of ``nbytes`` (read + written) per call, timed like the kernels."""
-    import torch
-
-    from companion.book import bench
-
-    copies = max(2, -(-ROTATION_BYTES // nbytes))
-    src = [torch.randint(-128, 127, (nbytes // 2,), dtype=torch.int8, device="cuda") for _ in range(copies)]
-    dst = [torch.empty_like(s) for s in src]
-    return nbytes / (bench.graph_ms_per_call([lambda s=s, d=d: d.copy_(s) for s, d in zip(src, dst)]) * 1e-3)
 
 
 def _host_us(fn, calls: int = 100) -> float:
@@ -193,7 +186,7 @@ def measure_quant_kernels() -> dict:
             entry["kernel_from_python_vs_copy"] = entry["kernel_from_python_bytes_per_s"] / copy
             entry["launcher_host_us"] = _host_us(lambda: fn(xs[0]))
             # A copy of exactly these bytes: the same launch and tail costs, so the fair ceiling at this size.
-            entry["copy_same_bytes_per_s"] = _copy_bytes_per_s(nbytes)
+            entry["copy_same_bytes_per_s"] = bench.copy_bandwidth(nbytes, ROTATION_BYTES)
             entry["kernel_vs_copy_same_bytes"] = entry["kernel_bytes_per_s"] / entry["copy_same_bytes_per_s"]
             if (M, K) == COMPILE_SIZE and name in baselines:  # no compiled baseline for stochastic rounding
                 try:

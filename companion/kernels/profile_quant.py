@@ -98,9 +98,9 @@ def _profiled_call(name: str) -> None:
     """One call of the named kernel inside the profiler's range, after warm-up (run under ncu)."""
     import torch
 
-    from companion.kernels.bench_quant import _kernels
+    from companion.kernels.bench_quant import _kernels, random_input
 
-    x = torch.randn(M, K, device="cuda", generator=torch.Generator("cuda").manual_seed(0)).bfloat16()
+    x = random_input(M, K)
     fn = _kernels(x)[name]
     for _ in range(3):
         fn(x)
