@@ -139,6 +139,21 @@ def test_fp8_gemm_bad_input():
         fp8_rowwise_matmul(a, sa, b, sb)
 
 
+def test_fp8_blockwise_kernel_choice():
+    a, sa, b, sb = random_fp8_operands(32, 32, 256, seed=10, device=DEVICE)
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        fp8_blockwise_matmul(a, sa, b, sb, kernel="cublas")
+    c = fp8_blockwise_matmul(a, sa, b, sb, out_dtype=torch.float32, kernel="triton")
+    assert_within(c, fp8_blockwise_matmul_reference(a, sa, b, sb),
+                  accumulation_error_bound(a.cpu(), sa.cpu(), b.cpu(), sb.cpu(), TENSOR_CORE_FP8_U, torch.float32))
+    # column-major codes: no TMA descriptor can read them, on any machine
+    with pytest.raises(ValueError, match="kernel='gluon' needs"):
+        fp8_blockwise_matmul(a.t().contiguous().t(), sa, b, sb, kernel="gluon")
+    if runtime.INTERPRET:
+        with pytest.raises(ValueError, match="kernel='gluon' needs a compiled Hopper GPU"):
+            fp8_blockwise_matmul(a, sa, b, sb, kernel="gluon")
+
+
 def test_fp8_gemm_empty_shapes():
     a, sa, b, sb = random_fp8_operands(16, 16, 128, seed=9, device=DEVICE)
     assert fp8_blockwise_matmul(a[:0], sa[:0], b, sb).shape == (0, 16)
@@ -343,6 +358,29 @@ def test_w4a16_gemv_row_tiles(config, fmt):
 def test_fp8_blockwise_gpu(M, N, K):
     check_fp8(M, N, K, True, torch.bfloat16, seed=M)
     check_fp8(M, N, K, False, torch.float32, seed=N)
+
+
+# shapes the Gluon kernel takes (K and the output rows whole 16 bytes), ragged in every dimension
+GLUON_SHAPES = [(1, 16, 16), (64, 48, 16), (200, 272, 1040), (333, 160, 2048), (129, 136, 4112), (1000, 1024, 4096)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M,N,K", GLUON_SHAPES)
+def test_fp8_blockwise_gluon_equals_triton(M, N, K):
+    """The warp-specialized Hopper kernel and the Triton kernel sum in the same order: same bits,
+    NaN, zero rows and zero slices included."""
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the Gluon kernel is for Hopper")
+    for b_tiles, out_dtype in [(True, torch.bfloat16), (False, torch.float32), (True, torch.float16)]:
+        a, sa, b, sb = random_fp8_operands(M, N, K, seed=M + K, device=DEVICE, b_tiles=b_tiles)
+        a, b = a.clone(), b.clone()
+        a.view(torch.uint8)[M // 2] = 0  # a zero row
+        b.view(torch.uint8)[:, : min(K, 128)] = 0  # a zero slice of K
+        a.view(torch.uint8)[M - 1, K - 1] = 0x7F  # NaN in the last row
+        got = fp8_blockwise_matmul(a, sa, b, sb, out_dtype=out_dtype, kernel="gluon")
+        want = fp8_blockwise_matmul(a, sa, b, sb, out_dtype=out_dtype, kernel="triton")
+        torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+        assert torch.isnan(got[M - 1]).all() and not torch.isnan(got[: M - 1]).any()
 
 
 @pytest.mark.gpu

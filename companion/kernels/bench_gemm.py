@@ -1,8 +1,8 @@
 """Benchmark of the GEMM kernels against cuBLAS, and the accumulation-error measurement, in one run.
 
-* FP8 block-scaled GEMM (DeepSeek-V3 recipe) next to ``torch._scaled_mm`` (cuBLAS FP8, per-row and
-  per-tensor scales) and bf16 cuBLAS, at square and DeepSeek-like shapes; the same kernel with per-row
-  scales, with and without promotion.
+* FP8 block-scaled GEMM (DeepSeek-V3 recipe; the Triton kernel and the warp-specialized Gluon kernel)
+  next to ``torch._scaled_mm`` (cuBLAS FP8, per-row and per-tensor scales) and bf16 cuBLAS, at square
+  and DeepSeek-like shapes; the Triton kernel with per-row scales, with and without promotion.
 * W4A16 decode (bf16 activations, MXFP4 / NVFP4 weights): time next to bf16 cuBLAS on the same shapes,
   replayed as CUDA graphs (and, for comparison, launched call by call from Python), and weight bytes
   per second next to the copy bandwidth.
@@ -44,7 +44,8 @@ def _fp8_gemms(median_ms):
                                                                         out_dtype=torch.bfloat16)),
             "fp8_scaled_mm_tensorwise": median_ms(lambda: torch._scaled_mm(a, bt, scale_a=one, scale_b=one,
                                                                            out_dtype=torch.bfloat16)),
-            "fp8_blockwise_triton": median_ms(lambda: fp8_blockwise_matmul(a, sa, b, sb)),
+            "fp8_blockwise_triton": median_ms(lambda: fp8_blockwise_matmul(a, sa, b, sb, kernel="triton")),
+            "fp8_blockwise_gluon": median_ms(lambda: fp8_blockwise_matmul(a, sa, b, sb, kernel="gluon")),
             "fp8_rowwise_triton_promote": median_ms(lambda: fp8_rowwise_matmul(a, row_a, b, row_b, promote=True)),
             "fp8_rowwise_triton_no_promote": median_ms(lambda: fp8_rowwise_matmul(a, row_a, b, row_b, promote=False)),
         }

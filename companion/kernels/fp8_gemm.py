@@ -184,8 +184,12 @@ def _launch(a_codes, b_codes, a_scales, b_scales, out_dtype, b_tile_rows, per_ro
     return c
 
 
+KERNELS = ("auto", "triton", "gluon")
+
+
 def fp8_blockwise_matmul(a_codes: torch.Tensor, a_scales: torch.Tensor, b_codes: torch.Tensor,
-                         b_scales: torch.Tensor, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+                         b_scales: torch.Tensor, out_dtype: torch.dtype = torch.bfloat16,
+                         kernel: str = "auto") -> torch.Tensor:
     """C = dequant(A) @ dequant(B)^T with DeepSeek-V3 block scales, FP32 accumulation, ``out_dtype`` output.
 
     ``a_codes`` (M, K) and ``b_codes`` (N, K) are ``torch.float8_e4m3fn``; ``a_scales`` is float32
@@ -194,6 +198,11 @@ def fp8_blockwise_matmul(a_codes: torch.Tensor, a_scales: torch.Tensor, b_codes:
     ``(N, ceil(K/128))`` (1 x 128 blocks). Any M, N, K and any strides; a partial slice of K at the end
     is padded with zeros. The result differs from exact arithmetic only by the Tensor Core's sum of each
     128-wide slice, the FP32 sum over slices and the final rounding to ``out_dtype``.
+
+    ``kernel``: "triton" runs the Triton kernel of this module (on any GPU, and under the interpreter);
+    "gluon" the warp-specialized Hopper kernel of :mod:`companion.kernels.fp8_gemm_hopper` (compiled,
+    on a Hopper GPU, row-major codes whose rows are whole 16 bytes); "auto" the Gluon kernel wherever
+    it runs and the Triton kernel elsewhere. Both sum in the same order: their results are the same bits.
     """
     M, N, K = _check_codes(a_codes, b_codes)
     if out_dtype not in OUT_DTYPES:
@@ -201,6 +210,18 @@ def fp8_blockwise_matmul(a_codes: torch.Tensor, a_scales: torch.Tensor, b_codes:
     _check_scales(a_scales, "a_scales", (M, triton.cdiv(K, SCALE_BLOCK)))
     b_tile_rows = _b_scale_layout(b_scales, N, K)
     _check_scales(b_scales, "b_scales", tuple(b_scales.shape))
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    if kernel != "triton" and not runtime.INTERPRET:
+        try:
+            from companion.kernels import fp8_gemm_hopper
+        except ImportError:  # a Triton without Gluon
+            fp8_gemm_hopper = None
+        if fp8_gemm_hopper is not None and fp8_gemm_hopper.supported(a_codes, b_codes, out_dtype):
+            return fp8_gemm_hopper.fp8_gemm_hopper(a_codes, a_scales, b_codes, b_scales, out_dtype, b_tile_rows)
+    if kernel == "gluon":
+        raise ValueError("kernel='gluon' needs a compiled Hopper GPU (not the interpreter), row-major FP8 codes "
+                         "whose rows start on 16-byte boundaries, and output rows that are whole 16 bytes")
     return _launch(a_codes, b_codes, a_scales, b_scales, out_dtype, b_tile_rows, False, True)
 
 
