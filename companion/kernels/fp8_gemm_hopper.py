@@ -39,11 +39,15 @@ ROWS = 64  # rows of the tile per warp group: wgmma's M
 BLOCK_M, BLOCK_N = 128, 128
 # (STAGES, GROUP_M, registers per thread asked for the second warp group). Measured on an H100
 # (2026-12-05, TFLOP/s as a fraction of torch._scaled_mm rowwise at 4096^3 / 8192^3 / 4096 x 7168 x 16384,
-# bits identical in every variant): this schedule 0.78 / 0.71 / 0.74 (3 stages and groups of 8: 0.65 to
-# 0.79 across runs); warp groups taking strict turns on the Tensor Core (a pair of barriers):
+# bits identical in every variant): this schedule 0.75-0.78 / 0.67-0.76 / 0.70-0.74 over five runs (3
+# stages and groups of 8: 0.65-0.79); warp groups taking strict turns on the Tensor Core (a pair of barriers):
 # 0.71 / 0.70 / 0.69; two wgmma sums in flight per warp group (slice i issued before slice i - 1 is
-# scaled): 0.54-0.65, the compiler copies the in-flight registers; three warp groups, 192 x 128 tiles
-# (168 registers each): 0.74 / 0.73 / 0.72. The Triton kernel: 0.60-0.66.
+# scaled): 0.54-0.65, the compiler copies the in-flight registers, and 0.65-0.70 with the loop unrolled
+# by two so that each sum keeps its registers; three warp groups, 192 x 128 tiles
+# (168 registers each): 0.74 / 0.73 / 0.72; persistent programs, one per SM, the slices of successive
+# tiles one stream through the ring and each tile's store overlapping the next tile: 0.66 / 0.61 / 0.62
+# (the tile bookkeeping in the loop costs more than the fill and the store it hides). The Triton
+# kernel: 0.60-0.69.
 CONFIG = (4, 16, 240)
 
 
