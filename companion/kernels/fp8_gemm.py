@@ -219,7 +219,7 @@ def fp8_blockwise_matmul(a_codes: torch.Tensor, a_scales: torch.Tensor, b_codes:
             fp8_gemm_hopper = None
         if fp8_gemm_hopper is not None and fp8_gemm_hopper.supported(a_codes, b_codes, out_dtype):
             return fp8_gemm_hopper.fp8_gemm_hopper(a_codes, a_scales, b_codes, b_scales, out_dtype, b_tile_rows)
-    if kernel == "gluon":
+    if kernel == "gluon" and min(M, N, K) > 0:  # (empty products need no kernel)
         raise ValueError("kernel='gluon' needs a compiled Hopper GPU (not the interpreter), row-major FP8 codes "
                          "whose rows start on 16-byte boundaries, and output rows that are whole 16 bytes")
     return _launch(a_codes, b_codes, a_scales, b_scales, out_dtype, b_tile_rows, False, True)
