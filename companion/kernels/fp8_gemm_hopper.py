@@ -8,7 +8,8 @@ two warp groups (64 rows each) that never wait for each other:
 
 * the tiles of A and B arrive by TMA into a ring of ``STAGES`` shared-memory buffers, each with a
   "ready" barrier (the TMA's bytes have landed) and an "empty" barrier (both warp groups are done
-  with it); the first warp group issues the copies, ``STAGES - 1`` slices ahead;
+  with it); a third, one-warp partition does nothing but issue those copies, each as soon as its
+  buffer is free;
 * each warp group, per slice: waits for "ready", issues its ``wgmma`` (64 x BLOCK_N x 128, A and B
   read from shared memory), waits for it, marks the buffer empty, and scales its partial sums into
   its accumulator -- and while it does that, the other warp group's ``wgmma`` keeps the Tensor Core
@@ -37,18 +38,23 @@ _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_globa
 BLOCK_K = 128  # the scale block: one wgmma sum per slice of K
 ROWS = 64  # rows of the tile per warp group: wgmma's M
 BLOCK_M, BLOCK_N = 128, 128
-# (STAGES, GROUP_M, registers per thread asked for the second warp group). Measured on an H100
-# (2026-12-05, TFLOP/s as a fraction of torch._scaled_mm rowwise at 4096^3 / 8192^3 / 4096 x 7168 x 16384,
-# bits identical in every variant): this schedule 0.75-0.78 / 0.67-0.76 / 0.70-0.74 over five runs (3
-# stages and groups of 8: 0.65-0.79); warp groups taking strict turns on the Tensor Core (a pair of barriers):
-# 0.71 / 0.70 / 0.69; two wgmma sums in flight per warp group (slice i issued before slice i - 1 is
+# (STAGES, GROUP_M, registers per thread asked for the second warp group, and for the copying warp).
+# Measured on an H100 (2026-12-05, TFLOP/s as a fraction of torch._scaled_mm rowwise at 4096^3 / 8192^3 / 4096 x 7168 x 16384,
+# bits identical in every variant): with the copies issued by the first warp group instead of a warp of
+# their own, 0.75-0.78 / 0.67-0.76 / 0.70-0.74 over five runs; with the copying warp (this kernel, in the
+# same run as 0.77 / 0.69 / 0.71 without it) 0.79 / 0.75 / 0.78, and 0.75-0.79 / 0.69-0.74 / 0.71-0.78
+# with 3, 5 or 6 stages, groups of 8 or 24 registers for the copier. The whole kernel is then compiled
+# for 168 registers a thread (.maxnreg for 12 warps; setmaxnreg hands the warp groups more at run time):
+# no spills with 128 x 128 scales of B, a few bytes with per-row scales of B and an FP32 output.
+# Tried before the copying warp, none faster: warp groups taking strict turns on the Tensor Core (a pair
+# of barriers): 0.71 / 0.70 / 0.69; two wgmma sums in flight per warp group (slice i issued before slice i - 1 is
 # scaled): 0.54-0.65, the compiler copies the in-flight registers, and 0.65-0.70 with the loop unrolled
 # by two so that each sum keeps its registers; three warp groups, 192 x 128 tiles
 # (168 registers each): 0.74 / 0.73 / 0.72; persistent programs, one per SM, the slices of successive
 # tiles one stream through the ring and each tile's store overlapping the next tile: 0.66 / 0.61 / 0.62
 # (the tile bookkeeping in the loop costs more than the fill and the store it hides). The Triton
 # kernel: 0.60-0.69.
-CONFIG = (4, 16, 240)
+CONFIG = (4, 16, 240, 40)
 
 
 @gluon.jit
@@ -62,6 +68,13 @@ def _load_slice(a_desc, b_desc, a_bufs, b_bufs, ready, empty, off_m, off_n, j):
     mbarrier.expect(ready.index(s), a_desc.block_type.nbytes + b_desc.block_type.nbytes)
     _tma_load(a_desc, [off_m, j * BK], ready.index(s), a_bufs.index(s))
     _tma_load(b_desc, [off_n, j * BK], ready.index(s), b_bufs.index(s))
+
+
+@gluon.jit
+def _producer(a_desc, b_desc, a_bufs, b_bufs, ready, empty, off_m, off_n, num_k):
+    """One warp that only copies: every slice, as soon as its buffer is free."""
+    for j in range(num_k):
+        _load_slice(a_desc, b_desc, a_bufs, b_bufs, ready, empty, off_m, off_n, j)
 
 
 @gluon.jit
@@ -83,10 +96,6 @@ def _warp_group(a_desc, b_desc, c_desc, a_bufs, b_bufs, c_bufs, ready, empty, sa
     else:  # one scale per row of B (1 x 128 blocks): per column of C
         sb_ptrs = sb_ptr + gl.where(cols < N, cols, 0).to(gl.int64) * stride_sbn
 
-    if WARP_GROUP == 0:  # fill the ring
-        for j in gl.static_range(NUM_STAGES - 1):
-            if j < num_k:
-                _load_slice(a_desc, b_desc, a_bufs, b_bufs, ready, empty, off_m, off_n, j)
     acc = gl.zeros((R, BN), dtype=gl.float32, layout=mma_layout)
     part = gl.zeros((R, BN), dtype=gl.float32, layout=mma_layout)
     sa_next = gl.load(sa_ptrs)
@@ -97,9 +106,6 @@ def _warp_group(a_desc, b_desc, c_desc, a_bufs, b_bufs, c_bufs, ready, empty, sa
         a_tile = a_bufs.index(s).slice(WARP_GROUP * R, R, dim=0)  # (64, 128): this warp group's rows
         b_tile = b_bufs.index(s).permute((1, 0))  # (128, BN) view of B's (BN, 128) K-major tile
         part = warpgroup_mma(a_tile, b_tile, part, use_acc=False, is_async=True)  # a fresh sum per slice
-        if WARP_GROUP == 0:
-            if i + NUM_STAGES - 1 < num_k:
-                _load_slice(a_desc, b_desc, a_bufs, b_bufs, ready, empty, off_m, off_n, i + NUM_STAGES - 1)
         sa, sb = sa_next, sb_next  # the next slice's scales load while the wgmma runs
         i_next = gl.minimum(i + 1, num_k - 1)
         sa_next = gl.load(sa_ptrs + i_next * stride_sak)
@@ -122,7 +128,7 @@ def _warp_group(a_desc, b_desc, c_desc, a_bufs, b_bufs, c_bufs, ready, empty, sa
 def _fp8_gemm_hopper_kernel(a_desc, b_desc, c_desc, sa_ptr, sb_ptr, M, N, K,
                             stride_sam, stride_sak, stride_sbn, stride_sbk,
                             B_TILE_ROWS: gl.constexpr, NUM_STAGES: gl.constexpr, GROUP: gl.constexpr,
-                            REGS: gl.constexpr):
+                            REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
     BM: gl.constexpr = a_desc.block_type.shape[0]
     BN: gl.constexpr = b_desc.block_type.shape[0]
     BK: gl.constexpr = a_desc.block_type.shape[1]
@@ -153,7 +159,8 @@ def _fp8_gemm_hopper_kernel(a_desc, b_desc, c_desc, sa_ptr, sb_ptr, M, N, K,
                        M, N, num_k, stride_sam, stride_sak, stride_sbn, stride_sbk, 0, B_TILE_ROWS)),
         (_warp_group, (a_desc, b_desc, c_desc, a_bufs, b_bufs, c_bufs, ready, empty, sa_ptr, sb_ptr, off_m, off_n,
                        M, N, num_k, stride_sam, stride_sak, stride_sbn, stride_sbk, 1, B_TILE_ROWS)),
-    ], [4], [REGS])
+        (_producer, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, off_m, off_n, num_k)),
+    ], [4, 1], [REGS, PRODUCER_REGS])
 
 
 _GL_OUT = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16, torch.float32: gl.float32}
@@ -172,7 +179,7 @@ def supported(a_codes, b_codes, out_dtype) -> bool:
 
 def fp8_gemm_hopper(a_codes, a_scales, b_codes, b_scales, out_dtype, b_tile_rows, config=CONFIG):
     """C = dequant(A) @ dequant(B)^T on the warp-specialized kernel; see :func:`supported`."""
-    stages, group_m, regs = config
+    stages, group_m, regs, producer_regs = config
     M, K = a_codes.shape
     N = b_codes.shape[0]
     c = torch.empty((M, N), dtype=out_dtype, device=a_codes.device)
@@ -186,5 +193,5 @@ def fp8_gemm_hopper(a_codes, a_scales, b_codes, b_scales, out_dtype, b_tile_rows
     grid = (triton.cdiv(M, BLOCK_M) * triton.cdiv(N, BLOCK_N),)
     _fp8_gemm_hopper_kernel[grid](a_desc, b_desc, c_desc, a_scales, b_scales, M, N, K, *a_scales.stride(),
                                   *b_scales.stride(), B_TILE_ROWS=b_tile_rows, NUM_STAGES=stages, GROUP=group_m,
-                                  REGS=regs, num_warps=4)
+                                  REGS=regs, PRODUCER_REGS=producer_regs, num_warps=4)
     return c
