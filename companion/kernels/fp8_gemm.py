@@ -213,11 +213,9 @@ def fp8_blockwise_matmul(a_codes: torch.Tensor, a_scales: torch.Tensor, b_codes:
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     if kernel != "triton" and not runtime.INTERPRET:
-        try:
-            from companion.kernels import fp8_gemm_hopper
-        except ImportError:  # a Triton without Gluon
-            fp8_gemm_hopper = None
-        if fp8_gemm_hopper is not None and fp8_gemm_hopper.supported(a_codes, b_codes, out_dtype):
+        from companion.kernels import fp8_gemm_hopper
+
+        if fp8_gemm_hopper.supported(a_codes, b_codes, out_dtype):
             return fp8_gemm_hopper.fp8_gemm_hopper(a_codes, a_scales, b_codes, b_scales, out_dtype, b_tile_rows)
     if kernel == "gluon" and min(M, N, K) > 0:  # (empty products need no kernel)
         raise ValueError("kernel='gluon' needs a compiled Hopper GPU (not the interpreter), row-major FP8 codes "

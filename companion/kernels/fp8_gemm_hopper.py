@@ -174,7 +174,7 @@ def supported(a_codes, b_codes, out_dtype) -> bool:
     M, K = a_codes.shape
     N = b_codes.shape[0]
     rows_ok = all(t.stride(1) == 1 and t.stride(0) % 16 == 0 and t.data_ptr() % 16 == 0 for t in (a_codes, b_codes))
-    return rows_ok and min(M, N, K) > 0 and (N * torch.empty((), dtype=out_dtype).element_size()) % 16 == 0
+    return rows_ok and min(M, N, K) > 0 and N * out_dtype.itemsize % 16 == 0
 
 
 def fp8_gemm_hopper(a_codes, a_scales, b_codes, b_scales, out_dtype, b_tile_rows, config=CONFIG):
