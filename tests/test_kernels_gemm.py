@@ -334,11 +334,14 @@ def test_fp4_gemm_bad_input():
     assert w4a16_matmul(x[:0], mx_codes, mx_scales).shape == (0, 16)
 
 
-@pytest.mark.parametrize("config", [(2, 1, 2), (4, 2, 2), (2, 1, 1)], ids=["two_tiles", "two_tiles_split", "one_tile"])
+@pytest.mark.parametrize("config", [(2, 1, 2, 1), (4, 2, 2, 1), (2, 1, 1, 1), (2, 1, 1, 2), (4, 2, 2, 2)],
+                         ids=["two_groups", "two_groups_split", "one_group", "two_warp_tiles", "two_by_two_split"])
 @pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4", "int4"])
 def test_w4a16_gemv_row_tiles(config, fmt):
-    """The GEMV with one or two tiles of 16 weight rows per program (each tile its own group of warps),
-    K split or not, for one and two tiles of activation rows, and N not a multiple of 32."""
+    """The GEMV with one or two groups of warps per program (each with its own weight rows), one or two
+    tiles of 16 weight rows per warp, K split or not, for one and two tiles of activation rows, and N not a
+    multiple of 32. The second tile only shares the activation registers: each row's sum is the one a
+    warp with one tile makes, bit for bit."""
     for M in (3, 16):
         codes, scales, ts, W = fp4_weights(40, 256, 16, fmt)
         x = torch.randn(M, 256, generator=torch.Generator().manual_seed(17)).bfloat16()
@@ -346,8 +349,14 @@ def test_w4a16_gemv_row_tiles(config, fmt):
                          _gemv_config=config)
         xd = x.double().numpy()
         assert_within(c, matmul_reference(xd, W), gemm_error_bound(xd, W[:, :256], torch.float32))
+        if config[3] == 2:
+            one = w4a16_matmul(x.to(DEVICE), codes, scales, format=fmt, tensor_scale=ts, out_dtype=torch.float32,
+                               _gemv_config=config[:3] + (1,))
+            assert torch.equal(c, one)
     with pytest.raises(ValueError, match="do not split"):
-        w4a16_matmul(x.to(DEVICE), codes, scales, format=fmt, tensor_scale=ts, _gemv_config=(3, 1, 2))
+        w4a16_matmul(x.to(DEVICE), codes, scales, format=fmt, tensor_scale=ts, _gemv_config=(3, 1, 2, 1))
+    with pytest.raises(ValueError, match="1 or 2 tiles"):
+        w4a16_matmul(x.to(DEVICE), codes, scales, format=fmt, tensor_scale=ts, _gemv_config=(2, 1, 1, 3))
 
 
 # ------------------------------------------------------------------------------------ compiled only

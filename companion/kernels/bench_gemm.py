@@ -89,8 +89,8 @@ def _decode(median_ms, copy_bytes_per_s):
                                                                    _config=DECODE_CONFIG["nvfp4"]) for q in nv]
             calls["nvfp4_bitwise_kernel"] = [lambda q=q: _nvfp4_bitwise(x, *q) for q in nv]
             # the GEMV with two tiles of 16 weight rows per program (the activations read from L2 half as often)
-            calls["mxfp4_two_row_tiles"] = [lambda q=q: w4a16_matmul(x, *q, _gemv_config=(8, 1, 2)) for q in mx]
-            calls["int4_two_row_tiles"] = [lambda q=q: w4a16_matmul(x, *q, format="int4", _gemv_config=(8, 1, 2))
+            calls["mxfp4_two_row_tiles"] = [lambda q=q: w4a16_matmul(x, *q, _gemv_config=(8, 1, 2, 1)) for q in mx]
+            calls["int4_two_row_tiles"] = [lambda q=q: w4a16_matmul(x, *q, format="int4", _gemv_config=(8, 1, 2, 1))
                                            for q in i4]
         elif M <= GEMV_MAX_M:
             # the tile kernels that the GEMV run on slices of 16 rows replaces here (autotuned large-M tiles)

@@ -336,78 +336,153 @@ def _mma_step(acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, w_g, w_h, s_g, s_h
 
 
 @triton.jit
-def _mma_k_loop(x_base, x2_base, x_ok, x2_ok, w_ptr, sw_ptr, rows_g, rows_h, q, warp, seg_lo, seg_hi, K,
-                stride_wn, stride_sn, stride_sk, NVFP4: tl.constexpr, WARPS: tl.constexpr,
+def _x_loads(x_base, x2_base, x_ok, x2_ok, offs, k_ok, u: tl.constexpr, TOKENS16: tl.constexpr):
+    """The activations of word u of this thread's chunk, as (T, 4) int32 bf16 pairs, for activation rows
+    g and (TOKENS16) g + 8."""
+    xa = tl.load(x_base[:, None] + offs + 4 * u, mask=(k_ok & x_ok)[:, None], other=0)
+    xb = xa  # unused unless TOKENS16
+    if TOKENS16:
+        xb = tl.load(x2_base[:, None] + offs + 4 * u, mask=(k_ok & x2_ok)[:, None], other=0)
+    return xa, xb
+
+
+@triton.jit
+def _seg_loads(w_ptr, sw_ptr, rows_g, rows_h, rows_g2, rows_h2, q, seg, seg_hi, K, stride_wn, stride_sn, stride_sk,
+               NVFP4: tl.constexpr, INT4: tl.constexpr, WARP_TILES: tl.constexpr):
+    """The codes and scales one segment needs, as a tuple of two: those of rows g, g + 8 and (WARP_TILES
+    = 2) of rows g + 16, g + 24."""
+    w = _mma_gemv_loads(w_ptr, sw_ptr, rows_g, rows_h, q, seg, seg_hi, K, stride_wn, stride_sn, stride_sk, NVFP4,
+                        INT4)
+    v = w  # unused unless WARP_TILES == 2
+    if WARP_TILES == 2:
+        v = _mma_gemv_loads(w_ptr, sw_ptr, rows_g2, rows_h2, q, seg, seg_hi, K, stride_wn, stride_sn, stride_sk,
+                            NVFP4, INT4)
+    return w, v
+
+
+@triton.jit
+def _tile_scales(sg0, sg1, sh0, sh1, NVFP4: tl.constexpr, PTX: tl.constexpr, FAST: tl.constexpr,
+                 INT4: tl.constexpr):
+    """A tile's loaded scales as the MMA block wants them: BF16 pairs (or float32 under the
+    interpreter), or for INT4 the group scales of rows g and g + 8 as float32 (twice)."""
+    if INT4:
+        return _int4_group_scale(sg0), _int4_group_scale(sg0), _int4_group_scale(sh0), _int4_group_scale(sh0)
+    else:
+        return (_scale_pair(sg0, NVFP4, PTX, FAST), _scale_pair(sg1, NVFP4, PTX, FAST),
+                _scale_pair(sh0, NVFP4, PTX, FAST), _scale_pair(sh1, NVFP4, PTX, FAST))
+
+
+@triton.jit
+def _seg_compute(acc, bcc, outside, loads, x_base, x2_base, x_ok, x2_ok, q, seg, seg_hi, K,
+                 NVFP4: tl.constexpr, WARPS: tl.constexpr, TOKENS16: tl.constexpr, PTX: tl.constexpr,
+                 FAST: tl.constexpr, INT4: tl.constexpr, WARP_TILES: tl.constexpr):
+    """One segment of 128 codes into the accumulators ``acc`` (eight, the tile of rows g, g + 8) and
+    ``bcc`` (the second tile, WARP_TILES = 2), from the tuple ``loads`` of _seg_loads."""
+    w, v = loads
+    wg, wh, sg0, sg1, sh0, sh1 = w
+    vg, vh, rg0, rg1, rh0, rh1 = v
+    chunk = seg * 4 + q
+    k_ok = (seg < seg_hi) & (chunk < K // 32)
+    if FAST and not NVFP4 and not INT4:
+        outside |= k_ok & _outside_fast(sg0, sh0)
+        if WARP_TILES == 2:
+            outside |= k_ok & _outside_fast(rg0, rh0)
+    offs = (16 * chunk)[:, None] + tl.arange(0, 4)[None, :]  # (T, 4): the pairs of word 0 of the chunk
+    sg0, sg1, sh0, sh1 = _tile_scales(sg0, sg1, sh0, sh1, NVFP4, PTX, FAST, INT4)
+    rg0, rg1, rh0, rh1 = _tile_scales(rg0, rg1, rh0, rh1, NVFP4, PTX, FAST, INT4)
+    t0, t1, t2, t3, t4, t5, t6, t7 = acc
+    r0, r1, r2, r3, r4, r5, r6, r7 = bcc
+    if INT4:  # the group's sums start from zero and are scaled into the accumulators after its MMAs
+        z = tl.zeros_like(t0)
+        t0, t1, t2, t3, t4, t5, t6, t7 = z, z, z, z, z, z, z, z
+        r0, r1, r2, r3, r4, r5, r6, r7 = z, z, z, z, z, z, z, z
+    wg0, wg2, wg1, wg3 = _quarters(wg)
+    wh0, wh2, wh1, wh3 = _quarters(wh)
+    vg0, vg2, vg1, vg3 = _quarters(vg)
+    vh0, vh2, vh1, vh3 = _quarters(vh)
+    for u in tl.static_range(4):
+        if u == 0:
+            w_g, w_h, v_g, v_h = wg0, wh0, vg0, vh0
+        elif u == 1:
+            w_g, w_h, v_g, v_h = wg1, wh1, vg1, vh1
+        elif u == 2:
+            w_g, w_h, v_g, v_h = wg2, wh2, vg2, vh2
+        else:
+            w_g, w_h, v_g, v_h = wg3, wh3, vg3, vh3
+        s_g, s_h = (sg0, sh0) if u < 2 else (sg1, sh1)
+        r_g, r_h = (rg0, rh0) if u < 2 else (rg1, rh1)
+        xa, xb = _x_loads(x_base, x2_base, x_ok, x2_ok, offs, k_ok, u, TOKENS16)
+        b0, b2, b1, b3 = _quarters(xa)
+        b4, b6, b5, b7 = _quarters(xb)  # unused unless TOKENS16
+        t0, t1, t2, t3, t4, t5, t6, t7 = _mma_step(
+            t0, t1, t2, t3, t4, t5, t6, t7, w_g, w_h, s_g, s_h, b0, b1, b2, b3, b4, b5, b6, b7,
+            TOKENS16, PTX, WARPS, FAST, INT4)
+        if WARP_TILES == 2:  # the same activation registers, the second tile's codes
+            r0, r1, r2, r3, r4, r5, r6, r7 = _mma_step(
+                r0, r1, r2, r3, r4, r5, r6, r7, v_g, v_h, r_g, r_h, b0, b1, b2, b3, b4, b5, b6, b7,
+                TOKENS16, PTX, WARPS, FAST, INT4)
+    if INT4:  # accumulators 0, 1 (4, 5) belong to row g, 2, 3 (6, 7) to row g + 8
+        acc = _int4_group_add(acc, (t0, t1, t2, t3, t4, t5, t6, t7), sg0, sh0)
+        if WARP_TILES == 2:
+            bcc = _int4_group_add(bcc, (r0, r1, r2, r3, r4, r5, r6, r7), rg0, rh0)
+    else:
+        acc = (t0, t1, t2, t3, t4, t5, t6, t7)
+        if WARP_TILES == 2:
+            bcc = (r0, r1, r2, r3, r4, r5, r6, r7)
+    return acc, bcc, outside
+
+
+@triton.jit
+def _mma_k_loop(x_base, x2_base, x_ok, x2_ok, w_ptr, sw_ptr, rows_g, rows_h, rows_g2, rows_h2, q, warp, seg_lo,
+                seg_hi, K, stride_wn, stride_sn, stride_sk, NVFP4: tl.constexpr, WARPS: tl.constexpr,
                 TOKENS16: tl.constexpr, PTX: tl.constexpr, FAST: tl.constexpr, INT4: tl.constexpr,
-                ROW_TILES: tl.constexpr):
-    """The K loop of _fp4_mma_gemv_kernel: this thread's accumulators, and (FAST, MXFP4) whether any of
-    its blocks had a scale outside FAST_E8M0_LO..FAST_E8M0_HI. ``warp`` counts within the thread's
-    group of WARPS / ROW_TILES warps, which take the segments in turn."""
+                ROW_TILES: tl.constexpr, WARP_TILES: tl.constexpr):
+    """The K loop of _fp4_mma_gemv_kernel: this thread's accumulators, as two tuples of eight (the tile
+    of rows g, g + 8 and, WARP_TILES = 2, the tile of the 16 rows after it, whose MMAs take the same
+    activation registers), and (FAST, MXFP4) whether any of its blocks had a scale outside
+    FAST_E8M0_LO..FAST_E8M0_HI. ``warp`` counts within the thread's group of WARPS / ROW_TILES warps,
+    which take the segments in turn; the next segment's codes and scales load while this one's are
+    decoded and multiplied. (Two sets of loads in flight, the loop unrolled by two so that each set is
+    reloaded in place, was slower on an H100 at N = K = 8192: 22.0 us against 16.8 at M = 1, MXFP4 -- the
+    twelve more registers a thread cost a program slot per SM, and the 512 programs no longer fit in
+    one wave.)"""
     STRIDE: tl.constexpr = WARPS // ROW_TILES
     T: tl.constexpr = 32 * WARPS
-    offs4 = tl.arange(0, 4)
-    acc0 = tl.zeros((T,), dtype=tl.float32)
-    acc1 = tl.zeros((T,), dtype=tl.float32)
-    acc2 = tl.zeros((T,), dtype=tl.float32)
-    acc3 = tl.zeros((T,), dtype=tl.float32)
-    acc4 = tl.zeros((T,), dtype=tl.float32)  # the second tile of activation rows (TOKENS16)
-    acc5 = tl.zeros((T,), dtype=tl.float32)
-    acc6 = tl.zeros((T,), dtype=tl.float32)
-    acc7 = tl.zeros((T,), dtype=tl.float32)
+    zero = tl.zeros((T,), dtype=tl.float32)
+    acc = (zero, zero, zero, zero, zero, zero, zero, zero)
+    bcc = (zero, zero, zero, zero, zero, zero, zero, zero)
     outside = tl.zeros((T,), dtype=tl.int1)
-    wg, wh, sg0, sg1, sh0, sh1 = _mma_gemv_loads(w_ptr, sw_ptr, rows_g, rows_h, q, seg_lo + warp, seg_hi, K,
-                                                 stride_wn, stride_sn, stride_sk, NVFP4, INT4)
+    loads = _seg_loads(w_ptr, sw_ptr, rows_g, rows_h, rows_g2, rows_h2, q, seg_lo + warp, seg_hi, K, stride_wn,
+                       stride_sn, stride_sk, NVFP4, INT4, WARP_TILES)
     for seg0 in range(seg_lo, seg_hi, STRIDE):
         seg = seg0 + warp  # this warp's segment
-        n_wg, n_wh, n_sg0, n_sg1, n_sh0, n_sh1 = _mma_gemv_loads(w_ptr, sw_ptr, rows_g, rows_h, q, seg + STRIDE,
-                                                                 seg_hi, K, stride_wn, stride_sn, stride_sk, NVFP4,
-                                                                 INT4)
-        chunk = seg * 4 + q
-        k_ok = (seg < seg_hi) & (chunk < K // 32)
-        if FAST and not NVFP4 and not INT4:
-            eg, eh = sg0.to(tl.int32), sh0.to(tl.int32)
-            e_lo = tl.minimum(eg, eh) < FAST_E8M0_LO
-            e_hi = tl.maximum(eg, eh) > FAST_E8M0_HI
-            outside |= k_ok & (e_lo | e_hi)
-        offs = (16 * chunk)[:, None] + offs4[None, :]  # (T, 4): the pairs of word 0 of the chunk
-        if INT4:  # this group's scales of rows g and g + 8, as float32; the group's sums start from zero
-            group_g = ((sg0.to(tl.int32) & 0xFFFF) << 16).to(tl.float32, bitcast=True)
-            group_h = ((sh0.to(tl.int32) & 0xFFFF) << 16).to(tl.float32, bitcast=True)
-            t0, t1, t2, t3 = tl.zeros_like(acc0), tl.zeros_like(acc1), tl.zeros_like(acc2), tl.zeros_like(acc3)
-            t4, t5, t6, t7 = tl.zeros_like(acc4), tl.zeros_like(acc5), tl.zeros_like(acc6), tl.zeros_like(acc7)
-        else:
-            sg0, sg1 = _scale_pair(sg0, NVFP4, PTX, FAST), _scale_pair(sg1, NVFP4, PTX, FAST)
-            sh0, sh1 = _scale_pair(sh0, NVFP4, PTX, FAST), _scale_pair(sh1, NVFP4, PTX, FAST)
-            t0, t1, t2, t3, t4, t5, t6, t7 = acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7
-        wg0, wg2, wg1, wg3 = _quarters(wg)
-        wh0, wh2, wh1, wh3 = _quarters(wh)
-        for u in tl.static_range(4):
-            if u == 0:
-                w_g, w_h = wg0, wh0
-            elif u == 1:
-                w_g, w_h = wg1, wh1
-            elif u == 2:
-                w_g, w_h = wg2, wh2
-            else:
-                w_g, w_h = wg3, wh3
-            s_g, s_h = (sg0, sh0) if u < 2 else (sg1, sh1)
-            b0, b2, b1, b3 = _quarters(tl.load(x_base[:, None] + offs + 4 * u, mask=(k_ok & x_ok)[:, None], other=0))
-            b4, b5, b6, b7 = b0, b1, b2, b3  # unused unless TOKENS16
-            if TOKENS16:
-                b4, b6, b5, b7 = _quarters(tl.load(x2_base[:, None] + offs + 4 * u, mask=(k_ok & x2_ok)[:, None],
-                                                   other=0))
-            t0, t1, t2, t3, t4, t5, t6, t7 = _mma_step(
-                t0, t1, t2, t3, t4, t5, t6, t7, w_g, w_h, s_g, s_h, b0, b1, b2, b3, b4, b5, b6, b7,
-                TOKENS16, PTX, WARPS, FAST, INT4)
-        if INT4:  # accumulators 0, 1 (4, 5) belong to row g, 2, 3 (6, 7) to row g + 8
-            acc0, acc1 = acc0 + t0 * group_g, acc1 + t1 * group_g
-            acc2, acc3 = acc2 + t2 * group_h, acc3 + t3 * group_h
-            acc4, acc5 = acc4 + t4 * group_g, acc5 + t5 * group_g
-            acc6, acc7 = acc6 + t6 * group_h, acc7 + t7 * group_h
-        else:
-            acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = t0, t1, t2, t3, t4, t5, t6, t7
-        wg, wh, sg0, sg1, sh0, sh1 = n_wg, n_wh, n_sg0, n_sg1, n_sh0, n_sh1
-    return acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, outside
+        ahead = _seg_loads(w_ptr, sw_ptr, rows_g, rows_h, rows_g2, rows_h2, q, seg + STRIDE, seg_hi, K, stride_wn,
+                           stride_sn, stride_sk, NVFP4, INT4, WARP_TILES)
+        acc, bcc, outside = _seg_compute(acc, bcc, outside, loads, x_base, x2_base, x_ok, x2_ok, q, seg, seg_hi, K,
+                                         NVFP4, WARPS, TOKENS16, PTX, FAST, INT4, WARP_TILES)
+        loads = ahead
+    return acc, bcc, outside
+
+
+@triton.jit
+def _outside_fast(sg, sh):
+    """Whether either E8M0 scale of a pair of rows lies outside what the fast decode carries."""
+    eg, eh = sg.to(tl.int32), sh.to(tl.int32)
+    return (tl.minimum(eg, eh) < FAST_E8M0_LO) | (tl.maximum(eg, eh) > FAST_E8M0_HI)
+
+
+@triton.jit
+def _int4_group_scale(s):
+    """An INT4 group scale, loaded as int16 bits of bf16, as float32."""
+    return ((s.to(tl.int32) & 0xFFFF) << 16).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _int4_group_add(acc, t, group_g, group_h):
+    """One INT4 group's sums ``t`` into the accumulators, times the scales of rows g (accumulators 0, 1,
+    4, 5) and g + 8 (2, 3, 6, 7)."""
+    return (acc[0] + t[0] * group_g, acc[1] + t[1] * group_g, acc[2] + t[2] * group_h, acc[3] + t[3] * group_h,
+            acc[4] + t[4] * group_g, acc[5] + t[5] * group_g, acc[6] + t[6] * group_h, acc[7] + t[7] * group_h)
 
 
 @triton.jit
@@ -423,7 +498,8 @@ def _fp4_mma_gemv_kernel(
     WARPS: tl.constexpr,  # warps per program (num_warps); they take the K segments of 128 in turn
     SPLIT_K: tl.constexpr,
     TOKENS16: tl.constexpr,  # M > 8: a second tile of 8 activation rows, with its own accumulators
-    ROW_TILES: tl.constexpr,  # tiles of 16 weight rows per program, one per group of WARPS / ROW_TILES warps
+    ROW_TILES: tl.constexpr,  # groups of WARPS / ROW_TILES warps per program, each with its own weight rows
+    WARP_TILES: tl.constexpr,  # tiles of 16 weight rows per warp (1 or 2): each group's rows are 16 WARP_TILES
     PTX: tl.constexpr,  # compiled for the GPU (False under the interpreter: the MMAs emulated)
 ):
     """C = X W^T for up to 16 activation rows on the Tensor Cores, with the weights decoded in the
@@ -437,20 +513,25 @@ def _fp4_mma_gemv_kernel(
     With ROW_TILES = 2 the warps form two groups, one per tile of 16 weight rows, that walk the same
     segments at the same pace: the second group's activation loads find the lines the first group's
     brought into L1, so the activations cross from L2 once per 32 weight rows instead of once per 16 --
-    for M = 16 they are four times the bytes of the weights a program reads.
+    for M = 16 they are four times the bytes of the weights a program reads. With WARP_TILES = 2 each warp
+    takes two tiles of 16 weight rows and feeds the activation registers it loads to both tiles' MMAs,
+    which halves the activation loads per code without relying on L1 (the default for M > 8).
 
     The codes are decoded by bit placement (the fast decode); an MXFP4 program that meets a block
     scale outside FAST_E8M0_LO..FAST_E8M0_HI, which that decode cannot carry, runs its K loop again
     with the lookup."""
     T: tl.constexpr = 32 * WARPS
     GROUP: tl.constexpr = WARPS // ROW_TILES
+    ROWS: tl.constexpr = 16 * WARP_TILES  # weight rows per group of warps
     lane = tl.arange(0, T)
     g = (lane % 32) // 4
     q = lane % 4
     warp = (lane // 32) % GROUP  # within its group
-    rows = tl.program_id(0) * (16 * ROW_TILES) + (lane // (32 * GROUP)) * 16 + g
+    rows = tl.program_id(0) * (ROWS * ROW_TILES) + (lane // (32 * GROUP)) * ROWS + g
     rows_g = tl.where(rows < N, rows, 0).to(tl.int64)
     rows_h = tl.where(rows + 8 < N, rows + 8, 0).to(tl.int64)
+    rows_g2 = tl.where(rows + 16 < N, rows + 16, 0).to(tl.int64)  # the second tile (WARP_TILES = 2)
+    rows_h2 = tl.where(rows + 24 < N, rows + 24, 0).to(tl.int64)
     x_ok, x2_ok = g < M, g + 8 < M
     x_base = x_ptr + tl.where(x_ok, g, 0) * stride_xm
     x2_base = x_ptr + tl.where(x2_ok, g + 8, 0) * stride_xm
@@ -458,25 +539,36 @@ def _fp4_mma_gemv_kernel(
     per_split = tl.cdiv(tl.cdiv(segs, SPLIT_K), GROUP) * GROUP
     seg_lo = tl.program_id(1) * per_split
     seg_hi = tl.minimum(segs, seg_lo + per_split)
-    acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, outside = _mma_k_loop(
-        x_base, x2_base, x_ok, x2_ok, w_ptr, sw_ptr, rows_g, rows_h, q, warp, seg_lo, seg_hi, K,
-        stride_wn, stride_sn, stride_sk, NVFP4, WARPS, TOKENS16, PTX, True, INT4, ROW_TILES)
+    acc, bcc, outside = _mma_k_loop(x_base, x2_base, x_ok, x2_ok, w_ptr, sw_ptr, rows_g, rows_h, rows_g2, rows_h2, q,
+                                    warp, seg_lo, seg_hi, K, stride_wn, stride_sn, stride_sk, NVFP4, WARPS, TOKENS16,
+                                    PTX, True, INT4, ROW_TILES, WARP_TILES)
     if INT4:
         unscale = 1.0
     else:
         unscale = 2.0 ** (126 - PLACED_EXPONENT)  # the fast decode's products are the weights times 2^-8
     if not NVFP4 and not INT4:
         if tl.max(outside.to(tl.int32), axis=0) > 0:
-            acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, outside = _mma_k_loop(
-                x_base, x2_base, x_ok, x2_ok, w_ptr, sw_ptr, rows_g, rows_h, q, warp, seg_lo, seg_hi, K,
-                stride_wn, stride_sn, stride_sk, NVFP4, WARPS, TOKENS16, PTX, False, INT4, ROW_TILES)
+            acc, bcc, outside = _mma_k_loop(x_base, x2_base, x_ok, x2_ok, w_ptr, sw_ptr, rows_g, rows_h, rows_g2,
+                                            rows_h2, q, warp, seg_lo, seg_hi, K, stride_wn, stride_sn, stride_sk, NVFP4,
+                                            WARPS, TOKENS16, PTX, False, INT4, ROW_TILES, WARP_TILES)
             unscale = 1.0
     # the warps' partial sums, added in a fixed order, then stored: accumulators 0, 1 hold W row g
     # times activation rows 2q, 2q + 1, accumulators 2, 3 W row g + 8 (4..7 the same for rows 8 + 2q..)
-    l32 = tl.arange(0, ROW_TILES * 32)  # (tile, lane) of a warp
-    r = tl.program_id(0) * (16 * ROW_TILES) + (l32 // 32) * 16 + (l32 % 32) // 4
+    l32 = tl.arange(0, ROW_TILES * 32)  # (group, lane) of a warp
+    r = tl.program_id(0) * (ROWS * ROW_TILES) + (l32 // 32) * ROWS + (l32 % 32) // 4
     col = 2 * (l32 % 4)
     ts = (tl.load(ts_ptr) if NVFP4 else 1.0) * unscale
+    _store_tile(acc, ts, c_ptr, ws_ptr, r, col, M, N, stride_cm, stride_cn, WARPS, SPLIT_K, ROW_TILES, TOKENS16)
+    if WARP_TILES == 2:
+        _store_tile(bcc, ts, c_ptr, ws_ptr, r + 16, col, M, N, stride_cm, stride_cn, WARPS, SPLIT_K, ROW_TILES,
+                    TOKENS16)
+
+
+@triton.jit
+def _store_tile(acc, ts, c_ptr, ws_ptr, r, col, M, N, stride_cm, stride_cn, WARPS: tl.constexpr,
+                SPLIT_K: tl.constexpr, ROW_TILES: tl.constexpr, TOKENS16: tl.constexpr):
+    """The accumulators of one tile of 16 weight rows (rows r and r + 8 of this lane), stored."""
+    acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = acc
     _store_mma(acc0, ts, c_ptr, ws_ptr, r, col, M, N, stride_cm, stride_cn, WARPS, SPLIT_K, ROW_TILES)
     _store_mma(acc1, ts, c_ptr, ws_ptr, r, col + 1, M, N, stride_cm, stride_cn, WARPS, SPLIT_K, ROW_TILES)
     _store_mma(acc2, ts, c_ptr, ws_ptr, r + 8, col, M, N, stride_cm, stride_cn, WARPS, SPLIT_K, ROW_TILES)
@@ -516,7 +608,15 @@ def _store_mma(v, ts, c_ptr, ws_ptr, row, col, M, N, stride_cm, stride_cn, WARPS
 # (8, 1, 2) 17.0, (16, 1, 4) 17.4; INT4 (16, 1, 2) 15.8 against (8, 1, 1) 17.3 (NVFP4 16.8 / 17.2);
 # M = 16, MXFP4: (4, 1, 1) 27.9, (8, 1, 2) 28.8, (16, 1, 4) 29.7 (INT4 and NVFP4 alike). Reading the
 # activations from L2 once per 32 rows does not shorten a loop that the decode, not L2, paces.
-MMA_GEMV_CONFIG = {fmt: ((8, 1, 1), (4, 1, 1)) for fmt in ("mxfp4", "nvfp4", "int4")}
+# Nsight Compute on an H100 (2026-12-05, MXFP4, N = K = 8192) then: at M = 16 the L1 was 90% busy (the
+# sixteen activation rows are four times the bytes of the codes a warp reads), DRAM 32%, 15 warps per SM;
+# at M = 1 the ALU 56%, DRAM 55%, the MMAs waiting on loads. Hence the fourth number, WARP_TILES: two
+# tiles of 16 weight rows per warp, whose MMAs take the same activation registers, halve the activation
+# loads per code. (num_warps, SPLIT_K, ROW_TILES, WARP_TILES) on the H100, us per call (CUDA graphs):
+# M = 16, MXFP4: (4, 1, 1, 1) 28.8, (8, 1, 1, 2) 23.9, (4, 1, 1, 2) 28.0, (4, 2, 1, 2) 24.7, (8, 1, 2, 2)
+# 29.1; INT4 28.0 -> 24.1, NVFP4 29.9 -> 25.2 (BF16 cuBLAS 47.8). M = 1 gains nothing from it (MXFP4
+# (8, 1, 1, 1) 16.9, (8, 1, 1, 2) 18.7, (4, 2, 1, 2) 19.7).
+MMA_GEMV_CONFIG = {fmt: ((8, 1, 1, 1), (8, 1, 1, 2)) for fmt in ("mxfp4", "nvfp4", "int4")}
 
 
 def _gemv_mma(x, codes, scales, tensor_scale, out, fmt, config=None):
@@ -530,19 +630,22 @@ def _gemv_mma(x, codes, scales, tensor_scale, out, fmt, config=None):
         codes = codes.clone(memory_format=torch.contiguous_format)
     pairs, words = x.view(torch.int32), codes.view(torch.int32)
     if config is not None:
-        warps, split, row_tiles = config
-    elif runtime.INTERPRET:  # K split in two when it is long enough, and two row tiles of one warp each
-        warps, split, row_tiles = 2, 2 if Kp > 256 else 1, 2 if M > 8 else 1  # for M > 8: CI runs every path
+        warps, split, row_tiles, warp_tiles = config
+    elif runtime.INTERPRET:  # K split in two when it is long enough, two groups of one warp each for M > 8,
+        # and two tiles of weight rows per warp for M <= 8: CI runs every path
+        warps, split, row_tiles, warp_tiles = 2, 2 if Kp > 256 else 1, 2 if M > 8 else 1, 1 if M > 8 else 2
     else:
-        warps, split, row_tiles = MMA_GEMV_CONFIG[fmt][M > 8]
+        warps, split, row_tiles, warp_tiles = MMA_GEMV_CONFIG[fmt][M > 8]
     if warps % row_tiles:
         raise ValueError(f"{warps} warps do not split into {row_tiles} row tiles")
+    if warp_tiles not in (1, 2):
+        raise ValueError(f"a warp takes 1 or 2 tiles of 16 weight rows, not {warp_tiles}")
     ws = torch.empty((split, M, N) if split > 1 else (1,), dtype=torch.float32, device=x.device)
     ts = tensor_scale if tensor_scale is not None else ws
-    _fp4_mma_gemv_kernel[(triton.cdiv(N, 16 * row_tiles), split)](
+    _fp4_mma_gemv_kernel[(triton.cdiv(N, 16 * row_tiles * warp_tiles), split)](
         pairs, words, scales, ts, out, ws, M, N, Kp, pairs.stride(0), words.stride(0), *scales.stride(),
         *out.stride(), NVFP4=fmt == "nvfp4", INT4=fmt == "int4", WARPS=warps, SPLIT_K=split, TOKENS16=M > 8,
-        ROW_TILES=row_tiles, PTX=not runtime.INTERPRET, num_warps=warps, num_stages=1)
+        ROW_TILES=row_tiles, WARP_TILES=warp_tiles, PTX=not runtime.INTERPRET, num_warps=warps, num_stages=1)
     return _sum_splits(ws, out, M, N, split)
 
 
