@@ -377,10 +377,15 @@ GLUON_SHAPES = [(1, 16, 16), (64, 48, 16), (200, 272, 1040), (333, 160, 2048), (
 @pytest.mark.parametrize("M,N,K", GLUON_SHAPES)
 def test_fp8_blockwise_gluon_equals_triton(M, N, K):
     """The warp-specialized Hopper kernel and the Triton kernel sum in the same order: same bits,
-    NaN, zero rows and zero slices included."""
+    NaN, zero rows and zero slices included, for each of the Hopper kernel's configurations (256-column
+    tiles with 128 x 128 blocks of B, four stages for 16-bit outputs and three for FP32; 128-column tiles
+    with 1 x 128 blocks of B) and for 128-column tiles with 128 x 128 blocks."""
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the Gluon kernel is for Hopper")
-    for b_tiles, out_dtype in [(True, torch.bfloat16), (False, torch.float32), (True, torch.float16)]:
+    from companion.kernels import fp8_gemm_hopper
+
+    for b_tiles, out_dtype in [(True, torch.bfloat16), (False, torch.float32), (True, torch.float16),
+                               (True, torch.float32), (False, torch.bfloat16)]:
         a, sa, b, sb = random_fp8_operands(M, N, K, seed=M + K, device=DEVICE, b_tiles=b_tiles)
         a, b = a.clone(), b.clone()
         a.view(torch.uint8)[M // 2] = 0  # a zero row
@@ -390,6 +395,9 @@ def test_fp8_blockwise_gluon_equals_triton(M, N, K):
         want = fp8_blockwise_matmul(a, sa, b, sb, out_dtype=out_dtype, kernel="triton")
         torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
         assert torch.isnan(got[M - 1]).all() and not torch.isnan(got[: M - 1]).any()
+        if b_tiles:
+            narrow = fp8_gemm_hopper.fp8_gemm_hopper(a, sa, b, sb, out_dtype, 128, config=(4, 16, 128))
+            torch.testing.assert_close(narrow, want, rtol=0, atol=0, equal_nan=True)
 
 
 @pytest.mark.gpu

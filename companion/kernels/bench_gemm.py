@@ -92,6 +92,10 @@ def _decode(median_ms, copy_bytes_per_s):
             calls["mxfp4_two_row_tiles"] = [lambda q=q: w4a16_matmul(x, *q, _gemv_config=(8, 1, 2, 1)) for q in mx]
             calls["int4_two_row_tiles"] = [lambda q=q: w4a16_matmul(x, *q, format="int4", _gemv_config=(8, 1, 2, 1))
                                            for q in i4]
+            if M > 8:  # the GEMV with one tile of 16 weight rows per warp (the default takes two for M > 8)
+                calls["mxfp4_one_warp_tile"] = [lambda q=q: w4a16_matmul(x, *q, _gemv_config=(4, 1, 1, 1)) for q in mx]
+                calls["int4_one_warp_tile"] = [lambda q=q: w4a16_matmul(x, *q, format="int4", _gemv_config=(4, 1, 1, 1))
+                                               for q in i4]
         elif M <= GEMV_MAX_M:
             # the tile kernels that the GEMV run on slices of 16 rows replaces here (autotuned large-M tiles)
             calls["mxfp4_tile_kernel"] = [lambda q=q: w4a16_matmul(x, *q, _config=DECODE_CONFIG["mxfp4"]) for q in mx]
