@@ -52,12 +52,16 @@ REGS = 232  # registers a thread asked for the second warp group
 # leave room for three. With one scale per row of B the promotion multiplies a 64 x 128 tile of scale
 # products, which with two accumulators does not fit in registers: 128 columns, four stages.
 CONFIGS = {(128, 2): (4, 16, 256), (128, 4): (3, 16, 256), (1, 2): (4, 16, 128), (1, 4): (4, 16, 128)}
-# Measured on an H100 (2026-12-05), TFLOP/s as a fraction of torch._scaled_mm rowwise at 4096^3 / 8192^3
-# / 4096 x 7168 x 16384, bits identical in every variant, two runs each:
+# The stored benchmark (H100, 2026-12-05, GPU time from CUDA graphs): 0.95 / 0.86 / 0.89 of
+# torch._scaled_mm rowwise at 4096^3 / 8192^3 / 4096 x 7168 x 16384. The trials below were timed with
+# do_bench on an H100 (the same day; launch overhead included, which costs the 4096^3 product a few
+# percent), as fractions of _scaled_mm at the same shapes, bits identical in every variant, two runs each:
 #   this kernel, 128 x 256, 4 stages: 0.90 / 0.82 / 0.85 and 0.89 / 0.82 / 0.89; 3 stages 0.85-0.88 /
 #   0.80-0.83 / 0.81-0.87; 2 stages 0.51 / 0.50 / 0.49; GROUP_M 8 within 3%; copies for slice i + 2
 #   instead of i + 3 (a slot the other warp group surely released) 0.85-0.87 / 0.82 / 0.84-0.88;
-#   the same with 128 x 128 tiles: 0.73 / 0.67-0.69 / 0.67-0.72;
+#   the same with 128 x 128 tiles: 0.73 / 0.67-0.69 / 0.67-0.72; A read into registers once per slice
+#   (ldmatrix) instead of from shared memory by each half's wgmma: 0.83-0.84 / 0.75-0.77 / 0.80 against
+#   0.89-0.91 / 0.79-0.80 / 0.85 in the same run;
 #   the previous kernel, 128 x 128 tiles, a one-warp copying partition (12 warps, so 168 registers a
 #   thread): 0.78-0.80 / 0.73-0.79 / 0.74-0.80 -- its profile (Nsight Compute, 8192^3): L2 78% busy,
 #   Tensor pipe 63%, the math warps' stalls split between barriers, the ready wait and the scale loads;
