@@ -118,6 +118,16 @@ def gemm_intensity(m, n, k, a_format, b_format=None, c_format=None):
     return gemm_flops(m, n, k) / gemm_bytes(m, n, k, a_format, b_format, c_format)
 
 
+def tile_bytes_per_flop(block_m, block_n, a_format, b_format=None):
+    """Operand bytes a GEMM kernel loads per FLOP when each program computes a block_m × block_n tile of
+    C: per step along K it reads block_m elements of A and block_n of B for 2·block_m·block_n FLOPs, so
+    (block_m·a + block_n·b) / (2·block_m·block_n) for a and b bytes per element -- the traffic from L2 (or
+    HBM) into shared memory that larger tiles cut. ``b_format`` defaults to ``a_format``."""
+    b_format = a_format if b_format is None else b_format
+    return ((block_m * _bytes_per_element(a_format) + block_n * _bytes_per_element(b_format))
+            / (2 * block_m * block_n))
+
+
 def gemv_intensity(n, k, weight_format, activation_format=None, out_format=None):
     """y = W x with W n×k in ``weight_format`` and x, y in ``activation_format`` (default: the
     weight's): a GEMM with one column, so every weight is read once and used for one multiply-add."""

@@ -28,6 +28,12 @@ def test_stored_ceilings_name_their_device_and_are_plausible():
     assert gemm["fp8_row_8192"] > gemm["bf16_8192"] > 1e14
 
 
+def test_rotation_count_holds_the_bytes_and_is_at_least_two():
+    assert bench.rotation_count(32 << 20, 100_000_000) == 3      # 96 MiB would not hold 100 MB
+    assert bench.rotation_count(1 << 30, 200_000_000) == 2       # one set exceeds it: still two
+    assert bench.rotation_count(25_000_000, 100_000_000) == 4    # exactly
+
+
 def test_unknown_gemm_kind_is_refused():
     with pytest.raises(ValueError, match="unknown GEMM dtype 'int3'"):
         bench.gemm_flops(16, 16, 16, dtype="int3")

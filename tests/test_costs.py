@@ -52,6 +52,13 @@ def test_gemm_flops_bytes_and_intensity():
                                [2 * 4096**2 / (2 * (4096 + 4096**2 + 4096)), 4096 / 3], rtol=1e-15)
 
 
+def test_tile_bytes_per_flop():
+    # a 128 x 128 FP8 tile: 256 bytes per step of K for 2 * 128 * 128 FLOPs
+    assert costs.tile_bytes_per_flop(128, 128, "fp8_e4m3") == 256 / 32768
+    assert costs.tile_bytes_per_flop(128, 256, "fp8_e4m3") / costs.tile_bytes_per_flop(128, 128, "fp8_e4m3") == 0.75
+    assert costs.tile_bytes_per_flop(64, 128, "bf16", "fp8_e4m3") == (64 * 2 + 128) / (2 * 64 * 128)
+
+
 def test_gemv_intensity():
     n = k = 4096
     # bf16 weights, bf16 x and y: 2nk FLOPs over 2(k + nk + n) bytes, just under 1 FLOP/byte.

@@ -54,6 +54,12 @@ def graph_ms_per_call(fns, rounds: int = 20, replays: int = 15) -> float:
     return float(sorted(times)[len(times) // 2])
 
 
+def rotation_count(set_bytes: int, rotation_bytes: int) -> int:
+    """How many input sets of ``set_bytes`` a benchmark cycles through so that together they hold at least
+    ``rotation_bytes`` (more than the L2 cache keeps), and never fewer than two."""
+    return max(2, -(-rotation_bytes // set_bytes))
+
+
 def copy_bandwidth(nbytes: int = 1 << 30, rotation_bytes: int = 0) -> float:
     """Device-to-device copy, in bytes moved (read + written) per second.
 
@@ -62,7 +68,7 @@ def copy_bandwidth(nbytes: int = 1 << 30, rotation_bytes: int = 0) -> float:
     one buffer pair timed call by call with ``triton.testing.do_bench``."""
     import torch
 
-    copies = max(2, -(-rotation_bytes // nbytes)) if rotation_bytes else 1
+    copies = rotation_count(nbytes, rotation_bytes) if rotation_bytes else 1
     src = [torch.randint(-128, 127, (nbytes // 2,), dtype=torch.int8, device="cuda") for _ in range(copies)]
     dst = [torch.empty_like(s) for s in src]
     if not rotation_bytes:

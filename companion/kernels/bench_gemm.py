@@ -29,15 +29,15 @@ def _tflops(m, n, k, ms):
 def _fp8_gemms(median_ms):
     import torch
 
-    from companion.book.bench import graph_ms_per_call
+    from companion.book.bench import graph_ms_per_call, rotation_count
     from companion.kernels.fp8_gemm import fp8_blockwise_matmul, fp8_rowwise_matmul, random_fp8_operands
 
     rows = []
     for M, N, K in FP8_SHAPES:
         # Operand sets used in turn, enough that a call never finds the previous call's operands in the
-        # 50 MB L2 cache (the FP8 codes of A and B and their BF16 copies).
+        # 50 MB L2 cache (the FP8 codes of A and B, 100 MB between them, and their BF16 copies).
         sets = []
-        for seed in range(max(2, -(-100_000_000 // ((M + N) * K)))):
+        for seed in range(rotation_count((M + N) * K, 100_000_000)):
             a, sa, b, sb = random_fp8_operands(M, N, K, seed=1 + seed, device="cuda")
             sets.append({
                 "a": a, "sa": sa, "b": b, "sb": sb, "bt": b.t(),  # cuBLAS wants B column-major: a view

@@ -136,8 +136,10 @@ def random_input(M: int, K: int, seed: int = 0):
 
 def _inputs(M: int, K: int, seed: int = 0) -> list:
     """Copies of one random_input, enough of them to hold ROTATION_BYTES between them."""
+    from companion.book import bench
+
     x = random_input(M, K, seed)
-    return [x] + [x.clone() for _ in range(max(2, -(-ROTATION_BYTES // x.nbytes)) - 1)]
+    return [x] + [x.clone() for _ in range(bench.rotation_count(x.nbytes, ROTATION_BYTES) - 1)]
 
 
 def _graph_bytes_per_s(fn, xs, nbytes: int) -> float:
